@@ -1,0 +1,376 @@
+"""A rule-based stand-in for GPT-4 (paper section 3) that writes the toy world's instruction data.
+
+Like GPT-4 in the paper, the teacher never sees pixels: it reads the symbolic caps_boxes
+record (captions + one box per object) and writes the three response types: conversation,
+detailed description and complex reasoning. It also writes stage-1 caption records,
+text-only records (the scene told in words, for LM pretraining and the ShareGPT-like share
+of stage 2) and the held-out benchmark. Answers follow fixed patterns so a tiny model can
+learn them; questions only ask what the record answers for certain.
+"""
+import math
+import random
+import re
+from dataclasses import dataclass
+
+from ..constants import IMAGE_PLACEHOLDER
+from ..prompts import BRIEF_DESCRIPTION, DETAILED_DESCRIPTION
+from .world import (BACKGROUNDS, COLORS, NUMBER_WORDS, PHRASES, POSITIONS, SHAPES,
+                    SIZE_THRESHOLD, count, grid_position, join_words)
+
+# LLaVA-1.5's suffix for short-answer data (VQAv2, GQA, ... in mix665k) and for its benchmarks.
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+# llava_instruct_158k: 58K conversation + 23K detailed + 77K complex reasoning on ~80K images.
+PAPER_MIX = {"conversation": 58, "detail": 23, "complex": 77}
+PAPER_IMAGES = 80
+TEXT_ONLY_FRACTION = 0.05  # share of text-only records in instruct.json (mix665k's ShareGPT part)
+BENCH_CATEGORIES = ["count", "color", "shape", "position", "relation"]
+INTROS = ["Picture this: {}.", "Imagine an image with {}.", "Suppose a picture shows {}.",
+          "Consider an image containing {}."]
+
+
+@dataclass
+class Obj:
+    name: str      # its category, "red circle"
+    color: str
+    shape: str
+    size: str      # read off the box width
+    position: str  # one of POSITIONS, read off the box centre
+    where: str     # the position inside a sentence, "in the top left"
+    row: int       # 0..2 on the 3x3 grid
+    col: int
+    cx: float      # box centre, normalized
+    cy: float
+
+
+def read_record(record):
+    """What the teacher 'sees': objects from the boxes and the background named in the captions."""
+    objs = []
+    for inst in record["instances"]:
+        color, shape = inst["category"].split()
+        x1, y1, x2, y2 = inst["bbox"]
+        size = "large" if x2 - x1 > SIZE_THRESHOLD else "small"
+        pos = grid_position(inst["bbox"])
+        k = POSITIONS.index(pos)
+        objs.append(Obj(inst["category"], color, shape, size, pos, PHRASES[pos], k // 3, k % 3, (x1 + x2) / 2, (y1 + y2) / 2))
+    objs.sort(key=lambda o: (o.row, o.col))  # reading order, as in the captions
+    captions = " ".join(record["captions"])
+    background = next(b for b in BACKGROUNDS if f"{b} background" in captions)
+    return objs, background
+
+
+def be(n):
+    return "is" if n == 1 else "are"
+
+
+def the_list(objs):
+    return join_words([f"the {o.name}" for o in objs])
+
+
+# ---------------------------------------------------------------- conversation questions
+# Each returns (question, short answer, full-sentence answer), or None when it does not apply.
+# The bench asks the first five in their short form, so training and test phrasing agree.
+
+def q_count(objs, rng):
+    n = len(objs)
+    return "How many shapes are there in the image?", str(n), f"There {be(n)} {count(n, 'shape')} in the image."
+
+
+def q_color(objs, rng):
+    o = rng.choice(objs)  # grid cells are distinct, so a position names one shape
+    return f"What color is the shape {o.where}?", o.color, f"The {o.shape} {o.where} is {o.color}."
+
+
+def q_shape(objs, rng):
+    o = rng.choice(objs)
+    return f"What shape is {o.where}?", o.shape, f"The shape {o.where} is a {o.name}."
+
+
+def q_position(objs, rng):
+    o = rng.choice(objs)
+    return f"Where is the {o.name}?", o.position, f"The {o.name} is {o.where} of the image."
+
+
+def q_relation(objs, rng):
+    if len(objs) < 2:
+        return None
+    a, b = rng.sample(objs, 2)  # random order: "yes" and "no" equally often
+    # Different cells differ in column or row; ask only about the axis that differs.
+    if a.col != b.col and (a.row == b.row or rng.random() < 0.5):
+        yes = a.col < b.col
+        full = f"Yes, the {a.name} is to the left of the {b.name}." if yes else f"No, the {a.name} is to the right of the {b.name}."
+        return f"Is the {a.name} to the left of the {b.name}?", "yes" if yes else "no", full
+    yes = a.row < b.row
+    full = f"Yes, the {a.name} is above the {b.name}." if yes else f"No, the {a.name} is below the {b.name}."
+    return f"Is the {a.name} above the {b.name}?", "yes" if yes else "no", full
+
+
+def q_count_kind(objs, rng):
+    if rng.random() < 0.5:  # a colour or a shape that may be absent: "0" is definite too
+        kind = rng.choice(list(COLORS))
+        n, noun = sum(o.color == kind for o in objs), kind + " shape"
+    else:
+        kind = rng.choice(SHAPES)
+        n, noun = sum(o.shape == kind for o in objs), kind
+    return f"How many {noun}s are there?", str(n), f"There {be(n)} {count(n, noun)} in the image."
+
+
+def q_size(objs, rng):
+    o = rng.choice(objs)
+    return f"Is the {o.name} large or small?", o.size, f"The {o.name} is {o.size}."
+
+
+def q_exists(objs, rng):
+    names = {o.name for o in objs}
+    if rng.random() < 0.5:
+        o = rng.choice(objs)
+        return f"Is there a {o.name} in the image?", "yes", f"Yes, there is a {o.name} {o.where}."
+    name = rng.choice([f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in names])
+    return f"Is there a {name} in the image?", "no", f"No, there is no {name} in the image."
+
+
+QUESTIONS = [q_count, q_color, q_shape, q_position, q_relation, q_count_kind, q_size, q_exists]
+
+
+def conversation(objs, rng, short):
+    """3-5 distinct Q/A pairs; `short` selects LLaVA-1.5's single-word style for every turn."""
+    want, pairs, seen = rng.randint(3, 5), [], set()
+    for make in rng.sample(QUESTIONS, len(QUESTIONS)) * 2:
+        qa = make(objs, rng)
+        if qa is None or qa[0] in seen:
+            continue
+        seen.add(qa[0])
+        pairs.append((qa[0] + SHORT_ANSWER, qa[1]) if short else (qa[0], qa[2]))
+        if len(pairs) == want:
+            break
+    return pairs
+
+
+# ---------------------------------------------------------------- detailed description
+
+def relation(a, b):
+    """A sentence placing a against b; a comes first in reading order."""
+    if a.row == b.row:
+        return f"The {a.name} is to the left of the {b.name}."
+    side = "" if a.col == b.col else " and to the left of" if a.col < b.col else " and to the right of"
+    return f"The {a.name} is above{side} the {b.name}."
+
+
+def describe(objs, background):
+    n, large = len(objs), sum(o.size == "large" for o in objs)
+    text = [f"The image shows {count(n, 'shape')} on a {background} background."]
+    text += [f"{o.where[0].upper()}{o.where[1:]} there is a {o.size} {o.name}." for o in objs]
+    text += [relation(a, b) for a, b in zip(objs, objs[1:])]
+    if n == 1:
+        text.append(f"The {objs[0].name} is the only shape in the picture.")
+    elif large in (0, n):
+        text.append(f"{'Both' if n == 2 else 'All ' + NUMBER_WORDS[n]} shapes are {'large' if large else 'small'}.")
+    else:
+        text.append(f"{NUMBER_WORDS[large].capitalize()} of them {be(large)} large and {NUMBER_WORDS[n - large]} {be(n - large)} small.")
+    colors = [c for c in COLORS if any(o.color == c for o in objs)]
+    text.append(f"The color{'s' if len(colors) > 1 else ''} used {be(len(colors))} {join_words(colors)}.")
+    return " ".join(text)
+
+
+# ---------------------------------------------------------------- complex reasoning
+# One question needing a small inference; the answer reasons step by step, then concludes.
+
+def r_remove(objs, rng):
+    o, n = rng.choice(objs), len(objs)
+    rest = [x for x in objs if x is not o]
+    left = f"leaves {the_list(rest)}" if rest else "leaves only the background"
+    return (f"If the {o.name} were removed, how many shapes would remain?",
+            f"The image contains {count(n, 'shape')}: {the_list(objs)}. Removing the {o.name} {left}. "
+            f"So {count(n - 1, 'shape')} would remain.")
+
+
+# Distance from a shape's centre to a corner or an edge of the image (normalized units).
+NEAREST = {
+    "top-left corner": lambda o: math.hypot(o.cx, o.cy), "top-right corner": lambda o: math.hypot(1 - o.cx, o.cy),
+    "bottom-left corner": lambda o: math.hypot(o.cx, 1 - o.cy), "bottom-right corner": lambda o: math.hypot(1 - o.cx, 1 - o.cy),
+    "top edge": lambda o: o.cy, "bottom edge": lambda o: 1 - o.cy, "left edge": lambda o: o.cx, "right edge": lambda o: 1 - o.cx,
+}
+
+
+def r_nearest(objs, rng):
+    target = rng.choice(list(NEAREST))
+    ranked = sorted(objs, key=NEAREST[target])
+    if len(objs) < 2 or NEAREST[target](ranked[1]) - NEAREST[target](ranked[0]) < 0.1:  # clear winners only
+        return None
+    places = "; ".join(f"the {o.name} is {o.where}" for o in objs)
+    return (f"Which shape is closest to the {target} of the image?",
+            f"Look at where each shape is: {places}. Of these, the {ranked[0].name} lies nearest to the "
+            f"{target}. So the {ranked[0].name} is closest to the {target}.")
+
+
+def r_round(objs, rng):
+    round_ = [o for o in objs if o.shape == "circle"]
+    angular = [o for o in objs if o.shape != "circle"]
+    r, a = len(round_), len(angular)
+    group = lambda g, noun: count(len(g), noun) + (f" ({the_list(g)})" if g else "")
+    if r > a:
+        end = f"{NUMBER_WORDS[r].capitalize()} is more than {NUMBER_WORDS[a]}, so yes, there are more round shapes than angular ones."
+    elif r == a:
+        end = f"Both numbers are {NUMBER_WORDS[r]}, so no, there are as many round shapes as angular ones."
+    else:
+        end = f"{NUMBER_WORDS[r].capitalize()} is fewer than {NUMBER_WORDS[a]}, so no, there are fewer round shapes than angular ones."
+    return ("Are there more round shapes than angular ones?",
+            "Circles are round, while squares, triangles and diamonds have corners, so they are angular. "
+            f"The image has {group(round_, 'round shape')} and {group(angular, 'angular shape')}. {end}")
+
+
+def r_larger(objs, rng):
+    large = [o for o in objs if o.size == "large"]
+    small = [o for o in objs if o.size == "small"]
+    if not large or not small:
+        return None
+    big, little = rng.choice(large), rng.choice(small)
+    first, second = (big, little) if rng.random() < 0.5 else (little, big)
+    return (f"Which is larger, the {first.name} or the {second.name}?",
+            f"The {big.name} {big.where} is a large shape, while the {little.name} {little.where} is a small one. "
+            f"So the {big.name} is larger.")
+
+
+def r_colors(objs, rng):
+    if len(objs) < 2:
+        return None
+    colors = [c for c in COLORS if any(o.color == c for o in objs)]
+    k = len(colors)
+    end = f"So the shapes have {count(k, 'different color')}." if k > 1 else "So all the shapes have the same color."
+    return ("How many different colors do the shapes in the image have?",
+            f"The shapes are {the_list(objs)}. Their colors are {join_words(colors)}. {end}"
+            if k > 1 else f"The shapes are {the_list(objs)}. Each of them is {colors[0]}. {end}")
+
+
+REASONING = [r_remove, r_nearest, r_round, r_larger, r_colors]
+
+
+def reason(objs, rng):
+    for make in rng.sample(REASONING, len(REASONING)):  # r_remove and r_round always apply
+        qa = make(objs, rng)
+        if qa is not None:
+            return qa
+
+
+# ---------------------------------------------------------------- LLaVA JSON records
+
+def respond(kind, record, rng):
+    """The (question, answer) pairs of one record of `kind`, from the symbolic record only."""
+    objs, background = read_record(record)
+    if kind == "brief":  # stage 1: a brief-description prompt answered by a caption
+        return [(rng.choice(BRIEF_DESCRIPTION), rng.choice(record["captions"]))]
+    if kind == "detail":
+        return [(rng.choice(DETAILED_DESCRIPTION), describe(objs, background))]
+    if kind == "complex":
+        return [reason(objs, rng)]
+    short = {"short": True, "full": False, "conversation": rng.random() < 0.5}[kind]
+    return conversation(objs, rng, short)
+
+
+def scene_in_words(record, rng):
+    """The scene told in words, for text-only records: what the image shows, as a sentence."""
+    objs, background = read_record(record)
+    listing = join_words([f"a {o.size} {o.name} {o.where}" for o in objs])
+    return rng.choice(INTROS).format(f"{listing}, on a {background} background")
+
+
+def make_record(kind, record, rid, rng, text_only=False):
+    """One LLaVA JSON record; an image record puts <image> before or after the first question."""
+    pairs = respond(kind, record, rng)
+    conversations = []
+    for k, (question, answer) in enumerate(pairs):
+        if k == 0 and text_only:
+            question = f"{scene_in_words(record, rng)} {question}"
+        elif k == 0:  # the paper randomly puts the image first or last
+            question = f"{IMAGE_PLACEHOLDER}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_PLACEHOLDER}"
+        conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    out = {"id": rid} if text_only else {"id": rid, "image": record["image"]}
+    out["conversations"] = conversations
+    return out
+
+
+def record_rng(seed, rid):
+    # Seeded by the record's id (str seeds hash with SHA-512): each record is reproducible alone.
+    return random.Random(f"{seed}/{rid}")
+
+
+def pretrain_records(records, seed):
+    """Stage 1 (like blip_laion_cc_sbu_558k.json): one brief prompt + one caption per image."""
+    return [make_record("brief", r, r["id"], record_rng(seed, r["id"])) for r in records]
+
+
+def text_only_records(records, seed, per_scene=5):
+    """Records with the scene described in words instead of an image (no `image`, no <image>).
+
+    Each scene gets `per_scene` records, cycling through short-answer and full-sentence
+    conversations, a detailed description, a complex-reasoning question and a caption, so
+    that a language model trained on them alone learns the world's language and chat format.
+    """
+    kinds = ["short", "full", "detail", "complex", "brief"]
+    out = []
+    for r in records:
+        order = random.Random(f"{seed}/lm/{r['id']}").sample(kinds, len(kinds))
+        for j in range(per_scene):
+            rid = f"{r['id']}-lm-{j}"
+            out.append(make_record(order[j % len(kinds)], r, rid, record_rng(seed, rid), text_only=True))
+    return out
+
+
+def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRACTION):
+    """Stage 2 (like llava_instruct_158k + a little of mix665k's text-only data), shuffled.
+
+    Conversation, detailed and complex-reasoning records in the paper's 58:23:77 proportion
+    per 80 images (times `scale`), each on a random image; then `text_only_fraction` of the
+    total as text-only records.
+    """
+    plan = {kind: round(len(records) * per_80 / PAPER_IMAGES * scale) for kind, per_80 in PAPER_MIX.items()}
+    plan["text"] = round(sum(plan.values()) * text_only_fraction / (1 - text_only_fraction))
+    out = []
+    for kind, n in plan.items():
+        order = random.Random(f"{seed}/{kind}").sample(range(len(records)), len(records))
+        for j in range(n if records else 0):
+            r = records[order[j % len(records)]]  # each image once before any image twice
+            rid = f"{r['id']}-{kind}-{j // len(records)}"
+            rng = record_rng(seed, rid)
+            if kind == "text":  # the scene told in words instead of shown
+                out.append(make_record(rng.choice(list(PAPER_MIX)), r, rid, rng, text_only=True))
+            else:
+                out.append(make_record(kind, r, rid, rng))
+    random.Random(f"{seed}/instruct").shuffle(out)
+    return out
+
+
+# ---------------------------------------------------------------- benchmark
+
+NUMBERS = {w: str(i) for i, w in enumerate(NUMBER_WORDS + ["eleven", "twelve"])}
+
+
+def normalize_answer(text):
+    """Normalize a short answer for exact-match scoring, used for gold answers and predictions.
+
+    Lower-cases; turns punctuation into spaces ("top-left." -> "top left"); drops the
+    articles a/an/the; writes number words zero..twelve as digits ("Three" -> "3");
+    collapses whitespace. So "The Top-Left." and "top left" both give "top left".
+    """
+    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
+    return " ".join(NUMBERS.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+BENCH_QUESTIONS = {"count": q_count, "color": q_color, "shape": q_shape, "position": q_position, "relation": q_relation}
+
+
+def bench_questions(records, seed):
+    """Held-out questions as JSONL lines {question_id, image, text, answer, category}.
+
+    One short-answer question per category per image (no relation question for a lone
+    shape), phrased exactly as in training; `answer` is the normalized gold answer.
+    """
+    out = []
+    for r in records:
+        objs, _ = read_record(r)
+        rng = random.Random(f"{seed}/bench/{r['id']}")
+        for category in BENCH_CATEGORIES:
+            qa = BENCH_QUESTIONS[category](objs, rng)
+            if qa is not None:
+                out.append({"question_id": len(out), "image": r["image"], "text": qa[0] + SHORT_ANSWER,
+                            "answer": normalize_answer(qa[1]), "category": category})
+    return out

@@ -1,0 +1,192 @@
+"""The toy world: reproducible images, boxes that match pixels, valid LLaVA data, true answers."""
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minillava.constants import IMAGE_PLACEHOLDER
+from minillava.data import validate_record
+from minillava.prompts import BRIEF_DESCRIPTION
+from minillava.toy import teacher, world
+from minillava.toy.teacher import SHORT_ANSWER, normalize_answer
+
+N_TRAIN, N_TEST = 24, 12
+
+
+def build(root, seed):
+    world.build_world(str(root), n_train=N_TRAIN, n_test=N_TEST, seed=seed, progress=False)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("world_a"), seed=0)
+
+
+def read_tree(root):
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def load_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_same_seed_gives_byte_identical_files_and_another_seed_differs(built, tmp_path):
+    first = read_tree(built)
+    again = read_tree(build(tmp_path / "again", seed=0))
+    assert first.keys() == again.keys()
+    assert all(first[k] == again[k] for k in first), [k for k in first if first[k] != again[k]]
+    other = read_tree(build(tmp_path / "other", seed=1))
+    assert other["images/train/000000.png"] != first["images/train/000000.png"]
+    assert other["pretrain.json"] != first["pretrain.json"]
+
+
+def test_a_scene_can_be_remade_alone():
+    a, b = world.sample_scene(7, "train", 3), world.sample_scene(7, "train", 3)
+    assert world.png_bytes(a.pixels) == world.png_bytes(b.pixels)
+    assert world.caps_boxes(a) == world.caps_boxes(b)
+
+
+def test_written_files_and_counts(built):
+    for name in ["caps_boxes_train.jsonl", "caps_boxes_test.jsonl", "pretrain.json", "instruct.json",
+                 "lm_corpus.json", "bench.jsonl", "sample_sheet.png", "world.json"]:
+        assert os.path.exists(os.path.join(built, name)), name
+    assert len(os.listdir(os.path.join(built, "images", "train"))) == N_TRAIN
+    assert len(os.listdir(os.path.join(built, "images", "test"))) == N_TEST
+    with open(os.path.join(built, "world.json")) as f:
+        info = json.load(f)
+    assert info["seed"] == 0 and info["n_train"] == N_TRAIN and info["records"]["pretrain.json"] == N_TRAIN
+    with Image.open(os.path.join(built, "images", "train", "000000.png")) as img:
+        assert img.size == (world.IMAGE_SIZE, world.IMAGE_SIZE) and img.mode == "RGB"
+
+
+def test_boxes_match_drawn_pixels():
+    # Single shapes on plain backgrounds: every pixel far from the background is the shape.
+    seen = set()
+    for i in range(300):
+        scene = world.sample_scene(0, "box-check", i)
+        if len(scene.objects) != 1 or not scene.background.startswith("plain"):
+            continue
+        obj = scene.objects[0]
+        pixels = scene.pixels.astype(int)
+        background = np.median(pixels.reshape(-1, 3), axis=0)
+        ys, xs = np.nonzero(np.abs(pixels - background).max(axis=2) > 40)
+        extent = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        box_px = np.array(obj.bbox) * world.IMAGE_SIZE
+        assert np.abs(box_px - extent).max() <= 1.5, (i, obj, extent)
+        seen.add(obj.shape)
+    assert seen == set(world.SHAPES)
+
+
+def test_scenes_follow_the_world_rules():
+    for i in range(100):
+        scene = world.sample_scene(0, "rules", i)
+        objs = scene.objects
+        assert 1 <= len(objs) <= world.MAX_OBJECTS
+        assert len({o.category for o in objs}) == len(objs)  # "the red circle" names one object
+        assert len({o.position for o in objs}) == len(objs)  # and so does "in the top left"
+        for o in objs:
+            x1, y1, x2, y2 = o.bbox
+            assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+            assert (x2 - x1 > world.SIZE_THRESHOLD) == (o.size == "large")
+
+
+def test_visible_fraction_counts_what_later_shapes_hide():
+    left = world.shape_mask("square", (10, 10, 30, 30))
+    right = world.shape_mask("square", (20, 10, 40, 30))  # covers the right half of `left`
+    assert world.visible_fraction([left, right], 0) == pytest.approx(0.5, abs=0.05)
+    assert world.visible_fraction([left, right], 1) == 1.0
+
+
+def test_every_record_is_valid_llava_json_and_its_image_exists(built):
+    image_first = image_last = 0
+    for name in ["pretrain.json", "instruct.json", "lm_corpus.json"]:
+        with open(os.path.join(built, name)) as f:
+            records = json.load(f)
+        assert len({r["id"] for r in records}) == len(records), f"{name}: ids must be unique"
+        for i, r in enumerate(records):
+            validate_record(r, f"{name} record {i}")
+            if "image" in r:
+                assert os.path.exists(os.path.join(built, "images", r["image"]))
+                first = r["conversations"][0]["value"]
+                image_first += first.startswith(IMAGE_PLACEHOLDER + "\n")
+                image_last += first.endswith("\n" + IMAGE_PLACEHOLDER)
+    assert image_first and image_last  # both placements occur, as in the paper's data
+
+
+def test_record_mix(built):
+    with open(os.path.join(built, "lm_corpus.json")) as f:
+        assert all("image" not in r for r in json.load(f))
+    with open(os.path.join(built, "instruct.json")) as f:
+        kinds = [r["id"].split("-")[1] for r in json.load(f)]
+    assert {k: kinds.count(k) for k in set(kinds)} == {
+        "conversation": round(N_TRAIN * 58 / 80), "detail": round(N_TRAIN * 23 / 80),
+        "complex": round(N_TRAIN * 77 / 80), "text": 2}
+    with open(os.path.join(built, "pretrain.json")) as f:
+        caps = {r["id"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
+        for r in json.load(f):
+            human, gpt = (t["value"] for t in r["conversations"])
+            assert human.replace(IMAGE_PLACEHOLDER, "").strip() in BRIEF_DESCRIPTION
+            assert gpt in caps[r["id"]]["captions"]
+
+
+def test_splits_share_no_image(built):
+    digests = {split: {hashlib.sha1(data).hexdigest() for data in read_tree(os.path.join(built, "images", split)).values()}
+               for split in ("train", "test")}
+    assert len(digests["train"]) == N_TRAIN and not digests["train"] & digests["test"]
+    ids = [{r["id"] for r in load_jsonl(os.path.join(built, f"caps_boxes_{s}.jsonl"))} for s in ("train", "test")]
+    assert not ids[0] & ids[1]
+
+
+def test_text_only_answers_equal_image_answers(built):
+    record = load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))[1]
+    for kind in ["short", "full", "detail", "complex", "brief"]:
+        seeing = teacher.make_record(kind, record, "r", teacher.record_rng(0, "r"))
+        told = teacher.make_record(kind, record, "r", teacher.record_rng(0, "r"), text_only=True)
+        assert [t["value"] for t in seeing["conversations"][1::2]] == [t["value"] for t in told["conversations"][1::2]]
+        assert "image" not in told and IMAGE_PLACEHOLDER not in json.dumps(told)
+
+
+def test_bench_answers_agree_with_caps_boxes(built):
+    caps = {r["image"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_test.jsonl"))}
+    bench = load_jsonl(os.path.join(built, "bench.jsonl"))
+    assert {q["category"] for q in bench} == set(teacher.BENCH_CATEGORIES)
+    assert len({q["question_id"] for q in bench}) == len(bench)
+    for q in bench:
+        assert q["text"].endswith(SHORT_ANSWER) and q["image"].startswith("test/")
+        text, instances = q["text"][: -len(SHORT_ANSWER)], caps[q["image"]]["instances"]
+        at = {world.PHRASES[world.grid_position(i["bbox"])]: i["category"] for i in instances}
+        where = {i["category"]: world.grid_position(i["bbox"]) for i in instances}
+        if q["category"] == "count":
+            assert q["answer"] == str(len(instances))
+        elif q["category"] == "color":
+            assert at[re.fullmatch(r"What color is the shape (.+)\?", text)[1]].split()[0] == q["answer"]
+        elif q["category"] == "shape":
+            assert at[re.fullmatch(r"What shape is (.+)\?", text)[1]].split()[1] == q["answer"]
+        elif q["category"] == "position":
+            assert where[re.fullmatch(r"Where is the (.+)\?", text)[1]] == q["answer"]
+        else:
+            m = re.fullmatch(r"Is the (.+) (to the left of|above) the (.+)\?", text)
+            a, b = (world.POSITIONS.index(where[m[k]]) for k in (1, 3))
+            truth = a % 3 < b % 3 if m[2] == "to the left of" else a // 3 < b // 3
+            assert q["answer"] == ("yes" if truth else "no")
+
+
+def test_normalize_answer():
+    assert normalize_answer("Three") == "3"
+    assert normalize_answer("3") == "3"
+    assert normalize_answer("The Top-Left.") == "top left"
+    assert normalize_answer("  a Red circle! ") == "red circle"
+    assert normalize_answer("Yes.") == "yes"
+    assert normalize_answer("bottom right") == "bottom right"
