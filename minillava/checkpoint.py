@@ -266,6 +266,9 @@ def build_llava(vision, llm, projector_type="mlp2x_gelu", projector=None, dtype=
     projector_tensors_files = None
     if projector is not None:
         projector_tensors_files, found_type = projector_files(projector)
+        meta = Path(projector) / "projector_config.json"
+        if meta.exists():    # stage 1 chose the CLIP layer W was trained on: keep it
+            overrides.setdefault("vision_feature_layer", read_json(meta)["vision_feature_layer"])
         if found_type != projector_type:
             raise CheckpointError(f"{projector}: holds a {found_type} projector, but {projector_type} was asked for")
     llm_cfg = read_json(Path(llm) / "config.json")
@@ -303,21 +306,29 @@ def projector_files(projector):
 
 
 def atomic_dir(out_dir, write):
-    """Run write(tmp_dir), then swap tmp_dir in for out_dir: a crash leaves the old folder whole."""
+    """Run write(tmp) into a fresh temp folder, then rename each file into out_dir, weights first
+    and config/index last: every file appears whole or not at all, and other files in out_dir
+    (a training run's log, its resume state) stay. Weight files of an earlier save that the new
+    one does not have are removed."""
     out_dir = Path(out_dir)
-    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    new = sorted(tmp.iterdir(), key=lambda f: f.suffix == ".json")       # .json (config, index) last
+    names = {f.name for f in new}
+    for f in new:
+        os.replace(f, out_dir / f.name)
+    for old in list(out_dir.glob("*.safetensors")) + list(out_dir.glob("*.safetensors.index.json")):
+        if old.name not in names:
+            old.unlink()
+    tmp.rmdir()
 
 
-def write_checkpoint(out_dir, state, config, copy_files=(), max_shard_bytes=4 << 30):
-    """safetensors (sharded past max_shard_bytes, with the hub's index file) + config.json, atomically."""
+def write_checkpoint(out_dir, state, config, copy_files=None, max_shard_bytes=4 << 30):
+    """safetensors (sharded past max_shard_bytes, with the hub's index file) + config.json, atomically.
+    copy_files: {name in the folder: source file}, e.g. {"tokenizer.model": ...}."""
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     shards, size = [[]], 0
     for k, v in state.items():
@@ -341,19 +352,20 @@ def write_checkpoint(out_dir, state, config, copy_files=(), max_shard_bytes=4 <<
                 json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
         with open(tmp / "config.json", "w") as f:
             json.dump(config, f, indent=2)
-        for file in copy_files:
-            shutil.copyfile(file, tmp / Path(file).name)
+        for name, source in (copy_files or {}).items():
+            shutil.copyfile(source, tmp / name)
 
     atomic_dir(out_dir, write)
 
 
-def save_llava(model, out_dir, tokenizer_file=None, max_shard_bytes=4 << 30):
-    """The llava-hf layout: minillava's parameter names are already the hub's names."""
+def save_llava(model, out_dir, tokenizer_file=None, max_shard_bytes=4 << 30, state=None):
+    """The llava-hf layout: minillava's parameter names are already the hub's names.
+    `state`: a full state dict gathered elsewhere (from FSDP shards), else the model's own."""
     expected = expected_shapes(model)
-    state = {k: v for k, v in model.state_dict().items() if k in expected}
+    state = {k: v for k, v in (state or model.state_dict()).items() if k in expected}
     dtype = next(iter(state.values())).dtype
     write_checkpoint(out_dir, state, llava_hf_config(model.config, dtype),
-                     [tokenizer_file] if tokenizer_file else [], max_shard_bytes)
+                     {"tokenizer.model": tokenizer_file} if tokenizer_file else None, max_shard_bytes)
 
 
 def save_clip(vision_model, out_dir):
@@ -369,7 +381,7 @@ def save_llama(lm, out_dir, tokenizer_file):
     if lm.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     config = {"architectures": ["LlamaForCausalLM"], **lm.config.to_dict()}
-    write_checkpoint(out_dir, state, config, [tokenizer_file])
+    write_checkpoint(out_dir, state, config, {"tokenizer.model": tokenizer_file})
 
 
 def save_projector(model, out_dir, meta):
