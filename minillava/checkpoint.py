@@ -210,9 +210,18 @@ def resolve_dtype(dtype):
 
 
 def meta_model(config):
-    """Build the module tree without allocating (weights arrive from the files)."""
-    with torch.device("meta"):
-        return LLaVA(config)
+    """Build the module tree without allocating memory or drawing random weights: the files supply
+    every weight. (Random init on the meta device would also cost a second of imports.)"""
+    init = torch.nn.init
+    saved = {name: getattr(init, name) for name in ("kaiming_uniform_", "uniform_", "normal_", "ones_", "zeros_")}
+    for name in saved:
+        setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            return LLaVA(config)
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
 
 
 def clip_folder_config(folder):
@@ -231,6 +240,9 @@ def load_llava(path, vision_tower=None, dtype=None, device=None):
         meta = read_json(path / "projector_config.json")        # a stage-1 output: W alone
         return build_llava(vision_tower or meta["vision"], meta["llm"], meta["projector_type"], path,
                            dtype=dtype, device=device)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: not a checkpoint folder (no config.json); get one with e.g. "
+                              "python -m minillava.download llava-hf/llava-1.5-7b-hf")
     cfg = read_json(path / "config.json")
     model_type = cfg.get("model_type")
     if model_type == "llava" and "text_config" in cfg:                     # llava-hf and minillava

@@ -174,6 +174,9 @@ class LLaVA(nn.Module):
         B, L, _ = x.shape
         if cache is None:
             cache = KVCache(cfg, B, L + max_new_tokens, device, x.dtype)
+        if cache.length + L + max_new_tokens - 1 > cache.max_len:    # fail now, not half-way through
+            raise ValueError(f"prompt ({L} tokens) + {max_new_tokens} new tokens do not fit: the KV cache "
+                             f"holds {cache.max_len} positions and {cache.length} are used")
         padded = not bool(valid.all())
         position_ids = None                                                    # None: positions follow the cache
         if padded:
