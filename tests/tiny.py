@@ -136,3 +136,30 @@ def hf_image_ids(input_ids, n_v=16):
 
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# A small English corpus in the prompts' words, for a tokenizer whose vocabulary fits the tiny models.
+CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions.",
+    "A chat between a curious human and an artificial intelligence assistant.",
+    "USER: What is in the image? ASSISTANT: A red circle and a blue square.",
+    "How many shapes are there? There are 3 shapes. What color is the circle? It is red.",
+    "The triangle is at the top left of the picture. Describe the image concisely.",
+    "[INST] <<SYS>> You are a helpful language and vision assistant. <</SYS>> [/INST]",
+]
+
+
+def train_tokenizer(out_dir, vocab_size=400):
+    """A SentencePiece tokenizer.model trained with LLaMA's settings (BPE, byte fallback, dummy
+    prefix, ids 0 <unk>, 1 <s>, 2 </s>); build the tiny models with the same vocab_size."""
+    import sentencepiece as spm
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "corpus.txt").write_text("\n".join(CORPUS * 20))
+    spm.SentencePieceTrainer.train(
+        input=str(out / "corpus.txt"), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return out / "tokenizer.model"
