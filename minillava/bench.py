@@ -164,6 +164,49 @@ def peak_memory(impl, folder, size, device, dtype, new_tokens):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux reports KB
 
 
+def train_flops(size):
+    """Model FLOPs of one training step: 6 N T for the LLM (forward + backward), the frozen CLIP
+    forward only (2 N per image token), attention scores 6 T^2 D per layer, causal-halved."""
+    vision, text, T_text, _, B = SIZES[size]
+    n_v = (vision["image_size"] // vision["patch_size"]) ** 2
+    T = T_text - 1 + n_v
+    D, L, F_ = text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"]
+    kv = text.get("num_key_value_heads", text["num_attention_heads"]) / text["num_attention_heads"]
+    llm = L * (2 * D * D + 2 * D * D * kv + 3 * D * F_) + text["vocab_size"] * D     # blocks + lm_head
+    Dv, Lv = vision["hidden_size"], vision["num_hidden_layers"]
+    clip = Lv * (4 * Dv * Dv + 2 * Dv * vision["intermediate_size"])
+    return B * (6 * llm * T + 6 * L * T * T * D / 2 + 2 * clip * (n_v + 1) + 6 * (Dv * D + D * D) * n_v)
+
+
+def gpu_checks(folder, size, device):
+    """On CUDA: does SDPA take the flash kernel in bf16, and how close is training to the matmul peak?"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+    model = load("minillava", folder, device, torch.bfloat16)
+    model.vision_tower.requires_grad_(False)
+    work = workloads("minillava", model, size, device, torch.bfloat16, 8)
+    out = {}
+    try:       # restricted to the flash backend, SDPA raises instead of falling back
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            work["train"][0]()
+            with torch.no_grad():
+                work["gen1"][0]()
+        out["flash_only_run"] = "ok: training and decoding ran with SDPA restricted to FLASH_ATTENTION"
+    except RuntimeError as e:
+        out["flash_only_run"] = f"failed: {str(e).splitlines()[0]}"
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        work["train"][0]()
+    names = {e.key for e in prof.key_averages()}
+    out["attention_kernels"] = sorted(n for n in names if "flash" in n.lower() or "fmha" in n.lower() or "attention" in n.lower())[:6]
+    train = sorted(timed(work["train"][0], device) for _ in range(5))[2]
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    a @ b
+    peak = 20 * 2 * 8192 ** 3 / timed(lambda: [a @ b for _ in range(20)], device) / 1e12
+    out.update(train_step_s=train, train_tflops=train_flops(size) / train / 1e12, bf16_matmul_peak_tflops=peak)
+    out["fraction_of_peak"] = out["train_tflops"] / peak
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="cpu (default), 7b (a GPU), tiny (CI)")
@@ -173,6 +216,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="the tiny size, 2 repeats, 8 tokens: proves it runs")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--folder", help="where to write the random checkpoint (default: a temp folder; /dev/shm is fast)")
     p.add_argument("--memory-child", nargs=2, metavar=("IMPL", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -181,10 +225,15 @@ def main(argv=None):
     if args.memory_child:
         print(peak_memory(*args.memory_child, args.size, device, dtype, args.new_tokens))
         return
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         write_checkpoint(args.size, folder)
         speed = measure(folder, args.size, device, dtype, args.repeats, args.new_tokens)
-        for impl in speed:
+        print(json.dumps(speed), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            speed["gpu"] = gpu_checks(folder, args.size, device)
+            print(json.dumps(speed["gpu"], indent=1), flush=True)
+        for impl in ("minillava", "transformers"):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 speed[impl]["peak_mb"] = peak_memory(impl, folder, args.size, device, dtype, args.new_tokens)
