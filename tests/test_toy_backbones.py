@@ -1,0 +1,98 @@
+"""The toy backbones: real folder layouts that the real loaders read, a learning LM, skipped re-runs,
+same seed -> same weights."""
+import json
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from minillava import LLaVA
+from minillava.checkpoint import build_llava
+from minillava.constants import IMAGE_TOKEN_INDEX
+from minillava.conversation import prompt_ids
+from minillava.tokenizer import Tokenizer
+from minillava.toy import backbones
+from minillava.toy.__main__ import main
+
+ARGS = ["--n-train", "64", "--n-test", "16", "--clip-steps", "6", "--lm-steps", "20", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    main(["--out", str(out)] + ARGS)
+    return out
+
+
+def keys(folder):
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        return list(f.keys())
+
+
+def test_clip_folder_is_an_openai_clip_vision_half(toy):
+    config = json.loads((toy / "clip" / "config.json").read_text())
+    assert config["model_type"] == "clip"
+    vision = config["vision_config"]                              # nested, as in openai/clip-vit-*
+    assert (vision["image_size"], vision["patch_size"], vision["hidden_act"]) == (64, 8, "quick_gelu")
+    names = keys(toy / "clip")
+    assert all(k.startswith("vision_model.") for k in names)     # the text tower was thrown away
+    assert "vision_model.post_layernorm.weight" in names         # kept: the folder round-trips
+
+
+def test_llm_folder_has_a_llama_tokenizer_matching_the_embeddings(toy):
+    config = json.loads((toy / "llm" / "config.json").read_text())
+    tok = Tokenizer(toy / "llm")                                   # reads llm/tokenizer.model
+    with safe_open(toy / "llm" / "model.safetensors", framework="pt") as f:
+        V, D = f.get_slice("model.embed_tokens.weight").get_shape()
+    assert tok.vocab_size == config["vocab_size"] == V and D == config["hidden_size"]
+    assert (tok.sp.unk_id(), tok.bos_id, tok.eos_id, tok.sp.pad_id()) == (0, 1, 2, -1)   # LLaMA's ids
+    assert tok.sp.encode("12\n", out_type=str) == ["▁", "1", "2", "<0x0A>"]   # digits split, byte fallback
+    assert config["num_key_value_heads"] < config["num_attention_heads"]      # GQA
+
+
+def test_backbones_load_through_build_llava_and_from_parts(toy):
+    model = build_llava(toy / "clip", toy / "llm")
+    again = LLaVA.from_parts(str(toy / "clip"), str(toy / "llm"), projector_type="linear")
+    assert again.config.num_image_tokens == model.config.num_image_tokens == 64   # 64 px / 8 px patches
+    tok = Tokenizer(toy / "llm")
+    ids = torch.tensor(prompt_ids(tok, "vicuna_v1", "<image>\nWhat color is the shape in the center?"))
+    assert (ids == IMAGE_TOKEN_INDEX).sum() == 1
+    with torch.no_grad():
+        logits = model([ids], torch.zeros(1, 3, 64, 64))
+    assert logits.shape == (1, len(ids) - 1 + 64, tok.vocab_size)
+    # The longest chat plus the image fits the positions the LM was configured for.
+    report = json.loads((toy / "backbones.json").read_text())
+    assert report["llm"]["longest_chat_tokens"] + 64 <= model.config.text.max_position_embeddings
+
+
+def test_lm_training_loss_goes_down(toy):
+    report = json.loads((toy / "backbones.json").read_text())
+    first_10, last_10 = report["llm"]["loss_per_10_steps"]      # mean loss of steps 0-9 and 10-19
+    assert last_10 < first_10 - 0.5
+    assert report["clip"]["retrieval_images"] == 16 and 0 <= report["clip"]["retrieval_top1"] <= 1
+    assert len(report["llm"]["samples"]) > 0
+
+
+def test_rerun_skips_complete_parts_and_a_changed_setting_rebuilds_only_that_part(toy, capsys):
+    mtimes = {p: p.stat().st_mtime_ns for p in toy.rglob("*.safetensors")}
+    start = time.perf_counter()
+    main(["--out", str(toy)] + ARGS)
+    printed = capsys.readouterr().out
+    assert time.perf_counter() - start < 5
+    assert printed.count("skipped") == 3, printed                 # world, clip, llm
+    assert {p: p.stat().st_mtime_ns for p in toy.rglob("*.safetensors")} == mtimes
+
+    main(["--out", str(toy)] + ARGS + ["--clip-steps", "3"])      # the last --clip-steps wins
+    printed = capsys.readouterr().out
+    assert "clip   skipped" not in printed and "llm    skipped" in printed
+    assert json.loads((toy / "backbones.json").read_text())["clip"]["steps"] == 3
+
+
+def test_same_seed_gives_the_same_weights(toy, tmp_path):
+    for name, train, steps in (("clip", backbones.train_clip, 2), ("llm", backbones.train_lm, 2)):
+        a, b = tmp_path / f"{name}_a", tmp_path / f"{name}_b"
+        train(str(toy), a, steps=steps, seed=3, progress=False)
+        train(str(toy), b, steps=steps, seed=3, progress=False)
+        assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes(), name
+    assert (tmp_path / "llm_a" / "tokenizer.model").read_bytes() == (tmp_path / "llm_b" / "tokenizer.model").read_bytes()
