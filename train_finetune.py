@@ -32,6 +32,8 @@ def main(argv=None):
                    "'none' starts W from random, the paper's no-pre-training ablation [toy: runs/pretrain]")
     p.add_argument("--projector-type", default="mlp2x_gelu", choices=["linear", "mlp2x_gelu"],
                    help="W's architecture; must match the stage-1 file")
+    p.add_argument("--projector-lr", type=float,
+                   help="a separate learning rate for W (the original's mm_projector_lr) [default: --lr]")
     p.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and Adam state over the GPUs (7B and up) instead of DDP")
     args = T.resolve(p.parse_args(argv), "finetune", "instruct.json")
@@ -77,9 +79,12 @@ def main(argv=None):
 
     # 5. optimizer and schedule: AdamW on W + LLM, warmup then cosine
     text_only = any("image" not in r for r in records)      # then some micro-batches leave W unused
-    ddp = T.wrap(model, device, world, fsdp=args.fsdp, find_unused=text_only)
+    ddp = T.wrap(model, device, world, fsdp=args.fsdp, find_unused=text_only, dtype=args.dtype)
     params = [q for q in ddp.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    W = {id(q) for q in model.multi_modal_projector.parameters()}
+    opt = torch.optim.AdamW([{"params": [q for q in params if id(q) not in W], "peak_lr": args.lr},
+                             {"params": [q for q in params if id(q) in W], "peak_lr": args.projector_lr or args.lr}],
+                            lr=args.lr, weight_decay=args.weight_decay)
     state_file = os.path.join(args.out, "trainer_state.pt")
     start = T.load_state(state_file, ddp, opt) if args.resume and os.path.exists(state_file) else 0
     T.print0(f"stage 2: {len(dataset)} records, {total} steps of {args.batch_size} "
@@ -91,8 +96,8 @@ def main(argv=None):
     log = T.StepLog(args.out, total, start, args.resume)
     for step, group in T.global_batches(dataset, args, world, start, total):
         lr = T.lr_at(step, total, args)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        for g in opt.param_groups:                  # one schedule, scaled to each group's peak
+            g["lr"] = lr * g["peak_lr"] / args.lr
         loss, tokens = T.train_step(ddp, group, device, args.dtype, world)
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         opt.step()

@@ -35,7 +35,7 @@ RECIPES = {
     "finetune": {
         "llava": dict(lr=2e-5, batch_size=32, micro_batch_size=4, epochs=3, max_length=2048),
         "llava-1.5": dict(lr=2e-5, batch_size=128, micro_batch_size=16, epochs=1, max_length=2048),
-        "toy": dict(lr=5e-4, batch_size=32, micro_batch_size=32, epochs=2, max_length=512),
+        "toy": dict(lr=5e-4, batch_size=32, micro_batch_size=32, epochs=1, max_length=512),
     },
 }
 TOY = "data/toy"          # where `python -m minillava.toy` builds the toy world
@@ -103,8 +103,10 @@ def cpu_has_bf16():
 
 
 def ensure_toy_world(args):
-    if args.data.startswith(TOY) and not Path(args.data).exists():
-        print0(f"{args.data} not found: building the toy world first (python -m minillava.toy)")
+    """The toy defaults build what is missing of the toy world (a complete one is skipped in seconds)."""
+    toy_parts = (args.data, args.vision, args.llm)
+    if all(str(p).startswith(TOY) for p in toy_parts) and not all(Path(p).exists() for p in toy_parts):
+        print0("the toy world is not complete: building it first (python -m minillava.toy)")
         from .toy.__main__ import main as build_toy
         if rank() == 0:
             build_toy([])
@@ -148,14 +150,15 @@ def all_sum(x):
     return x
 
 
-def wrap(model, device, world, fsdp=False, find_unused=False):
+def wrap(model, device, world, fsdp=False, find_unused=False, dtype="bf16"):
     """DDP keeps a full copy per GPU and all-reduces gradients; FSDP shards weights, gradients and
     Adam state across GPUs (what a 7B fine-tune needs: 7B x 16 bytes = 112 GB)."""
     if world == 1:
         return model
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # fp32 master shards; each block is gathered in bf16 for compute, gradients reduced in fp32
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bf16" else None, reduce_dtype=torch.float32)
         for layer in model.language_model.model.layers:       # one shard group per decoder block
             fully_shard(layer, mp_policy=mp)
         fully_shard(model.vision_tower)                        # frozen, already bf16: a group of its own

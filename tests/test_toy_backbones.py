@@ -34,7 +34,7 @@ def test_clip_folder_is_an_openai_clip_vision_half(toy):
     config = json.loads((toy / "clip" / "config.json").read_text())
     assert config["model_type"] == "clip"
     vision = config["vision_config"]                              # nested, as in openai/clip-vit-*
-    assert (vision["image_size"], vision["patch_size"], vision["hidden_act"]) == (64, 8, "quick_gelu")
+    assert (vision["image_size"], vision["patch_size"], vision["hidden_act"]) == (72, 24, "quick_gelu")
     names = keys(toy / "clip")
     assert all(k.startswith("vision_model.") for k in names)     # the text tower was thrown away
     assert "vision_model.post_layernorm.weight" in names         # kept: the folder round-trips
@@ -54,16 +54,16 @@ def test_llm_folder_has_a_llama_tokenizer_matching_the_embeddings(toy):
 def test_backbones_load_through_build_llava_and_from_parts(toy):
     model = build_llava(toy / "clip", toy / "llm")
     again = LLaVA.from_parts(str(toy / "clip"), str(toy / "llm"), projector_type="linear")
-    assert again.config.num_image_tokens == model.config.num_image_tokens == 64   # 64 px / 8 px patches
+    assert again.config.num_image_tokens == model.config.num_image_tokens == 9    # 72 px / 24 px patches: the 3 x 3 grid
     tok = Tokenizer(toy / "llm")
     ids = torch.tensor(prompt_ids(tok, "vicuna_v1", "<image>\nWhat color is the shape in the center?"))
     assert (ids == IMAGE_TOKEN_INDEX).sum() == 1
     with torch.no_grad():
-        logits = model([ids], torch.zeros(1, 3, 64, 64))
-    assert logits.shape == (1, len(ids) - 1 + 64, tok.vocab_size)
+        logits = model([ids], torch.zeros(1, 3, 72, 72))
+    assert logits.shape == (1, len(ids) - 1 + 9, tok.vocab_size)
     # The longest chat plus the image fits the positions the LM was configured for.
     report = json.loads((toy / "backbones.json").read_text())
-    assert report["llm"]["longest_chat_tokens"] + 64 <= model.config.text.max_position_embeddings
+    assert report["llm"]["longest_chat_tokens"] + 9 <= model.config.text.max_position_embeddings
 
 
 def test_lm_training_loss_goes_down(toy):
@@ -72,6 +72,7 @@ def test_lm_training_loss_goes_down(toy):
     assert last_10 < first_10 - 0.5
     assert report["clip"]["retrieval_images"] == 16 and 0 <= report["clip"]["retrieval_top1"] <= 1
     assert len(report["llm"]["samples"]) > 0
+    assert 0 <= report["clip"]["heldout_objects_named_from_their_cell"] <= 1
 
 
 def test_rerun_skips_complete_parts_and_a_changed_setting_rebuilds_only_that_part(toy, capsys):

@@ -99,6 +99,17 @@ def test_same_global_batch_gives_same_losses_for_2_processes_and_for_accumulatio
     assert json.loads((tmp_path / "accum" / "train_args.json").read_text())["accum"] == 4
 
 
+def test_fsdp_on_2_processes_gives_the_same_losses_and_checkpoint_as_one_process(world, tmp_path):
+    # --fsdp shards W, the LLM's blocks and their Adam state over the processes (gloo on CPU).
+    common = {"max-steps": 3, "batch-size": 8, "micro-batch-size": 4, "projector": "none"}
+    run(flags(world, tmp_path / "one", "instruct.json", **{**common, "micro-batch-size": 8}))
+    run(flags(world, tmp_path / "fsdp", "instruct.json", **common) + ["--fsdp"], nproc=2)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    one, fsdp = LLaVA.from_pretrained(tmp_path / "one"), LLaVA.from_pretrained(tmp_path / "fsdp")
+    for (name, a), b in zip(one.state_dict().items(), fsdp.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name           # the gathered checkpoint is the whole model
+
+
 def test_killed_and_resumed_run_gives_the_same_loss_curve(world, tmp_path):
     common = {"max-steps": 8, "batch-size": 4, "micro-batch-size": 2, "save-every": 2, "projector": "none"}
     run(flags(world, tmp_path / "straight", "instruct.json", **common))
