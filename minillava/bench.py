@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -161,7 +162,19 @@ def peak_memory(impl, folder, size, device, dtype, new_tokens):
             fn()
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux reports KB
+    return peak_rss_mb()
+
+
+def peak_rss_mb():
+    """This process's peak resident memory. Linux's VmHWM belongs to the process image; getrusage's
+    ru_maxrss survives exec, so a child started by the bench would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024                         # kB -> MB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
 def train_flops(size):

@@ -12,7 +12,7 @@ from minillava.checkpoint import build_llava
 from minillava.constants import IMAGE_TOKEN_INDEX
 from minillava.conversation import prompt_ids
 from minillava.tokenizer import Tokenizer
-from minillava.toy import backbones
+from minillava.toy import backbones, probe
 from minillava.toy.__main__ import main
 
 ARGS = ["--n-train", "64", "--n-test", "16", "--clip-steps", "6", "--lm-steps", "20", "--no-progress"]
@@ -97,3 +97,21 @@ def test_same_seed_gives_the_same_weights(toy, tmp_path):
         train(str(toy), b, steps=steps, seed=3, progress=False)
         assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes(), name
     assert (tmp_path / "llm_a" / "tokenizer.model").read_bytes() == (tmp_path / "llm_b" / "tokenizer.model").read_bytes()
+
+
+def test_linear_probe_reads_a_planted_signal_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (600,), generator=g)
+    signal = torch.nn.functional.one_hot(labels, 4).float() * 3 + torch.randn(600, 4, generator=g) * 0.1
+    noise = torch.randn(600, 16, generator=g)
+    assert probe.linear_probe(torch.cat([noise, signal], 1), labels, 4) == 100.0
+    assert probe.linear_probe(noise, labels, 4) < 45                         # chance is 25%
+
+
+def test_probe_command_reports_reading_and_probes(toy, tmp_path, capsys):
+    build_llava(toy / "clip", toy / "llm").save_pretrained(tmp_path / "llava", toy / "llm" / "tokenizer.model")
+    probe.main(["--model", str(tmp_path / "llava"), "--data", str(toy), "--questions", "10", "--images", "64"])
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["probes_percent"]) == {"Z_v", "H_v"}
+    assert all(0 <= v <= 100 for part in report["probes_percent"].values() for v in part.values())
+    assert "count" in report["reading_in_words"]
