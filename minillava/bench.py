@@ -191,6 +191,20 @@ def train_flops(size):
     return B * (6 * llm * T + 6 * L * T * T * D / 2 + 2 * clip * (n_v + 1) + 6 * (Dv * D + D * D) * n_v)
 
 
+def decode_floor(folder, device, dtype, repeats):
+    """The fastest a batch-1 decode step can be on this machine: one vector through every Linear of the
+    LLM, so each weight is read from memory once (the attention over the cache, norms and sampling are
+    left out). At batch 1 a decode step does little arithmetic per byte, so this bound is memory bandwidth."""
+    linears = [m for m in load("minillava", folder, device, dtype).language_model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, m.in_features, device=device, dtype=dtype) for m in linears]
+    def step():
+        for m, x in zip(linears, xs):
+            m(x)
+    with torch.no_grad():
+        step()
+        return 1 / statistics.median(timed(step, device) for _ in range(5 * repeats))
+
+
 def gpu_checks(folder, size, device):
     """On CUDA: does SDPA take the flash kernel in bf16, and how close is training to the matmul peak?"""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -241,6 +255,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         write_checkpoint(args.size, folder)
         speed = measure(folder, args.size, device, dtype, args.repeats, args.new_tokens)
+        speed["minillava"]["decode_b1_floor_tok_s"] = decode_floor(folder, device, dtype, args.repeats)
         print(json.dumps(speed), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -258,9 +273,17 @@ def main(argv=None):
     report(speed, args)
 
 
+def cpu_name():
+    try:
+        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
+        return names[0] if names else platform.processor() or "CPU"
+    except OSError:
+        return platform.processor() or "CPU"
+
+
 def report(speed, args):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{cpu_name()}, {os.cpu_count()} cores"
     print(f"minillava bench: size {args.size}, {args.dtype}, {device}, torch {torch.__version__}, commit {commit or '?'}, "
           f"medians of {args.repeats}")
     rows = [("train tokens/s", "train_tok_s", True), ("prefill ms", "prefill_ms", False),
@@ -274,6 +297,10 @@ def report(speed, args):
         print(f"| {label:26} | {a:10.1f} | {b:12.1f} | {ratio:5.2f}x |")
     print("ratio: how many times better minillava is (speed: minillava / transformers; "
           "prefill and memory: transformers / minillava)")
+    floor = speed["minillava"].get("decode_b1_floor_tok_s")
+    if floor:
+        print(f"batch-1 decode bound: reading the LLM's weights once per token (every Linear on one vector) "
+              f"allows at most {floor:.1f} tokens/s here")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"size": args.size, "dtype": args.dtype, "device": device, "torch": torch.__version__,
