@@ -116,7 +116,7 @@ def workloads(impl, model, size, device, dtype, new_tokens):
                 return lambda: model.generate(p_ids, p_img.to(dtype), max_new_tokens=count, eos_token_id=-1)
             return lambda: model.generate(input_ids=p_hf, pixel_values=p_img.to(dtype), max_new_tokens=count,
                                           min_new_tokens=count, do_sample=False)
-    return {"train": (train, train_tokens), "prefill": (generate(1, 1), 1),
+    return {"train": (train, train_tokens), "prefill": (generate(1, 1), 1), "prefill8": (generate(8, 1), 8),
             "gen1": (generate(1, new_tokens), new_tokens), "gen8": (generate(8, new_tokens), 8 * new_tokens)}
 
 
@@ -144,9 +144,9 @@ def measure(folder, size, device, dtype, repeats, new_tokens):
         out[impl] = {
             "train_tok_s": work[impl]["train"][1] / med["train"],
             "prefill_ms": 1000 * med["prefill"],
-            # decode rate: the time beyond the prefill, per generated token
+            # decode rate: the time beyond the prefill of the same batch, per generated token
             "decode_b1_tok_s": (new_tokens - 1) / max(med["gen1"] - med["prefill"], 1e-9),
-            "decode_b8_tok_s": 8 * (new_tokens - 1) / max(med["gen8"] - med["prefill"], 1e-9),
+            "decode_b8_tok_s": 8 * (new_tokens - 1) / max(med["gen8"] - med["prefill8"], 1e-9),
         }
     return out
 
@@ -191,18 +191,19 @@ def train_flops(size):
     return B * (6 * llm * T + 6 * L * T * T * D / 2 + 2 * clip * (n_v + 1) + 6 * (Dv * D + D * D) * n_v)
 
 
-def decode_floor(folder, device, dtype, repeats):
-    """The fastest a batch-1 decode step can be on this machine: one vector through every Linear of the
-    LLM, so each weight is read from memory once (the attention over the cache, norms and sampling are
-    left out). At batch 1 a decode step does little arithmetic per byte, so this bound is memory bandwidth."""
+def decode_floor(folder, device, dtype, repeats, batch_size):
+    """The fastest a decode step can be on this machine: a (batch_size, D_in) input through every Linear
+    of the LLM, each weight read once (the attention over the cache, norms and sampling are left out).
+    At batch 1 this bound is memory bandwidth; at batch 8 it is also how fast the matmul library
+    multiplies so few rows. Returns tokens/s."""
     linears = [m for m in load("minillava", folder, device, dtype).language_model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = [torch.randn(1, m.in_features, device=device, dtype=dtype) for m in linears]
+    xs = [torch.randn(batch_size, m.in_features, device=device, dtype=dtype) for m in linears]
     def step():
         for m, x in zip(linears, xs):
             m(x)
     with torch.no_grad():
         step()
-        return 1 / statistics.median(timed(step, device) for _ in range(5 * repeats))
+        return batch_size / statistics.median(timed(step, device) for _ in range(5 * repeats))
 
 
 def gpu_checks(folder, size, device):
@@ -255,7 +256,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         write_checkpoint(args.size, folder)
         speed = measure(folder, args.size, device, dtype, args.repeats, args.new_tokens)
-        speed["minillava"]["decode_b1_floor_tok_s"] = decode_floor(folder, device, dtype, args.repeats)
+        for n in (1, 8):
+            speed["minillava"][f"decode_b{n}_floor_tok_s"] = decode_floor(folder, device, dtype, args.repeats, n)
         print(json.dumps(speed), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -297,10 +299,10 @@ def report(speed, args):
         print(f"| {label:26} | {a:10.1f} | {b:12.1f} | {ratio:5.2f}x |")
     print("ratio: how many times better minillava is (speed: minillava / transformers; "
           "prefill and memory: transformers / minillava)")
-    floor = speed["minillava"].get("decode_b1_floor_tok_s")
-    if floor:
-        print(f"batch-1 decode bound: reading the LLM's weights once per token (every Linear on one vector) "
-              f"allows at most {floor:.1f} tokens/s here")
+    floors = [speed["minillava"].get(f"decode_b{n}_floor_tok_s") for n in (1, 8)]
+    if all(floors):
+        print("decode bound: every Linear of the LLM once per step, nothing else, allows at most "
+              f"{floors[0]:.1f} tokens/s at batch 1 and {floors[1]:.1f} at batch 8 here")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"size": args.size, "dtype": args.dtype, "device": device, "torch": torch.__version__,
