@@ -137,7 +137,14 @@ class LlamaAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)                       # (B, nkv, S, hs)
         # One mask convention: mask is None -> plain causal (is_causal, the fused kernels' fast path),
         # or the single query of a decode step (sees everything); else a boolean (B, 1, T, S), True = attend.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+        if T == 1:
+            # A decode step. Query heads j*g .. j*g + g - 1 all read key/value head j (g = nh / nkv), so
+            # they can be g queries of one head: (B, nkv, g, hs), no copies of k and v for the groups.
+            # Same result; on CPU in bf16 several times faster than enable_gqa at batch 8 (torch 2.13).
+            y = F.scaled_dot_product_attention(q.reshape(B, self.nkv, self.nh // self.nkv, self.hs), k, v,
+                                               attn_mask=mask)             # (B, nkv, g, hs)
+            return self.o_proj(y.reshape(B, 1, self.nh * self.hs))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.nkv != self.nh)  # GQA: nh/nkv queries share a head
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
 
