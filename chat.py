@@ -19,6 +19,7 @@ So the cache holds the ids of the whole rendered conversation, as if it had been
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -98,10 +99,17 @@ class Printer:
 
     def __init__(self, tokenizer, prefix=""):
         self.tok, self.prefix, self.ids, self.shown = tokenizer, prefix, [], None
+        self.start, self.times = time.perf_counter(), []
 
     def __call__(self, token):                  # token: (B,) = (1,), this step's new token
         self.ids.append(int(token[0]))
+        self.times.append(time.perf_counter())
         self.show(final=False)
+
+    def stats(self):
+        """--stats: time to the first token (image, prompt and one step) and the decoding rate after it."""
+        rate = (len(self.times) - 1) / (self.times[-1] - self.times[0]) if len(self.times) > 1 else float("nan")
+        return f"({len(self.ids)} tokens; first after {1000 * (self.times[0] - self.start):.0f} ms, then {rate:.1f} tokens/s)"
 
     def show(self, final=True):
         text = self.tok.decode(self.ids)
@@ -146,6 +154,8 @@ def run(args):
         printer = Printer(tok)
         chat.ask(args.prompt, printer)
         printer.show()
+        if args.stats:
+            note(printer.stats())
         return 0
 
     user, assistant = get_template(chat.conv_mode).roles
@@ -181,6 +191,8 @@ def run(args):
             try:
                 chat.ask(line, printer)
                 printer.show()
+                if args.stats:
+                    note(printer.stats())
             except ChatError as e:
                 note(f"error: {e}")
 
@@ -208,6 +220,7 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if present, else cpu)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int, help="seed for sampling, to repeat answers at temperature > 0")
+    p.add_argument("--stats", action="store_true", help="after each answer, its time to first token and tokens/s (stderr)")
     args = p.parse_args(argv)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         p.error("need --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 1")

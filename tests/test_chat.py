@@ -88,6 +88,16 @@ def test_prompt_prints_exactly_the_greedy_answer_on_every_layout(ck, layout):
     assert r.stdout == ck.tok.decode(greedy(model, ids, ck.red)) + "\n"
 
 
+def test_stats_go_to_stderr_and_count_the_answer_tokens(ck):
+    plain = run_chat("--model", ck.hf, "--image", ck.red, "--prompt", Q1, "--temperature", 0, "--max-new-tokens", N)
+    timed = run_chat("--model", ck.hf, "--image", ck.red, "--prompt", Q1, "--temperature", 0, "--max-new-tokens", N,
+                     "--stats")
+    assert timed.returncode == 0 and timed.stdout == plain.stdout
+    model = LLaVA.from_pretrained(ck.hf)
+    n = len(greedy(model, ck.tok.encode_prompt(render(model.config.conv_mode, ["<image>\n" + Q1, None])), ck.red))
+    assert re.fullmatch(rf"\({n} tokens; first after \d+ ms, then [\d.]+ tokens/s\)", timed.stderr.strip()), timed.stderr
+
+
 # ---------------------------------------------------------------- multi-turn through one KV cache
 
 
