@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import build_llava
-from ..image import open_image, preprocess
 from ..llava import LLaVA
 from ..tokenizer import Tokenizer
 from ..training import cli
-from .backbones import GRID, cell_labels, greedy_answer
+from .backbones import GRID, greedy_answer, load_split
 from .teacher import normalize_answer, scene_in_words
 from .world import COLORS, SHAPES
 
@@ -56,15 +55,13 @@ def linear_probe(features, targets, classes):
 
 def seeing(model_dir, data, n_images):
     model = LLaVA.from_pretrained(model_dir).eval()
-    records = [json.loads(line) for line in (Path(data) / "caps_boxes_train.jsonl").open()][:n_images]
-    size = model.config.vision.image_size
-    X_v = torch.stack([preprocess(open_image(Path(data) / "images" / r["image"]), size, True) for r in records])
+    X_v, _, cells = load_split(data, "train")                               # as the tiny CLIP was trained
+    X_v, cells = X_v[:n_images], cells[:n_images].flatten()                 # cells: 0 empty, else 1 + colour x shape
     with torch.no_grad():
         Z_v = model.vision_tower(X_v)                                       # (N, N_v, D_v)
         H_v = model.multi_modal_projector(Z_v)                              # (N, N_v, D)
     if Z_v.shape[1] != GRID * GRID:
         raise SystemExit(f"{model_dir}: {Z_v.shape[1]} visual tokens, the probe needs one per cell ({GRID * GRID})")
-    cells = cell_labels(records).flatten()                                  # 0 empty, else 1 + colour x shape
     occupied = cells > 0
     color, shape = (cells[occupied] - 1) // len(SHAPES), (cells[occupied] - 1) % len(SHAPES)
     out = {}
