@@ -1,6 +1,6 @@
 """python -m minillava.toy: the toy world and its two tiny pretrained backbones, in one command.
 
-    python -m minillava.toy [--out data/toy] [--n-train 4000] [--seed 0] [--clip-steps 320] [--lm-steps 360]
+    python -m minillava.toy [--out data/toy] [--n-train 4000] [--seed 0] [--clip-steps 480] [--lm-steps 360]
 
   1. the world (world.build_world): images, caps_boxes, pretrain.json, instruct.json, lm_corpus.json, bench.jsonl
   2. <out>/clip: a tiny CLIP trained contrastively on the captions, saved as an OpenAI CLIP folder
@@ -8,8 +8,8 @@
 
 A part that is complete and was made with the same settings is skipped, so a re-run is instant;
 a changed setting rebuilds that part (and the backbones, if the world changed). The measured
-figures go to <out>/backbones.json. The defaults take about 3.3 minutes on a 2-core CPU with bf16
-units (world ~10 s, CLIP ~65 s, LM ~2 min); --clip-steps and --lm-steps scale the two trainings.
+figures go to <out>/backbones.json. The defaults take about 2.5 minutes on a 2-core CPU with bf16
+units (world ~10 s, CLIP ~50 s, LM ~80 s); --clip-steps and --lm-steps scale the two trainings.
 Stage 1 (train_pretrain.py) then starts from <out>/clip and <out>/llm.
 """
 import argparse
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..training import cli, cpu_has_bf16
-from .backbones import train_clip, train_lm
+from .backbones import BACKBONES_VERSION, train_clip, train_lm
 from .world import VERSION, build_world, write_json
 
 
@@ -31,7 +31,7 @@ def main(argv=None):
     parser.add_argument("--n-train", type=int, default=4000, help="training scenes")
     parser.add_argument("--n-test", type=int, default=200, help="held-out scenes (bench, retrieval)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clip-steps", type=int, default=320, help="tiny CLIP steps of 64 image-caption pairs")
+    parser.add_argument("--clip-steps", type=int, default=480, help="tiny CLIP steps of 64 image-caption pairs")
     parser.add_argument("--lm-steps", type=int, default=360, help="tiny LLaMA steps of 16 chats")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                         help="bf16 autocast (default where the CPU has bf16 units) or fp32")
@@ -61,7 +61,7 @@ def main(argv=None):
     # are recorded in backbones.json only after it is saved, so "recorded" means "complete".
     parts = [("clip", train_clip, args.clip_steps), ("llm", train_lm, args.lm_steps)]
     for name, train, steps in parts:
-        settings = {"world": world, "steps": steps, "seed": args.seed, "dtype": dtype}
+        settings = {"world": world, "version": BACKBONES_VERSION, "steps": steps, "seed": args.seed, "dtype": dtype}
         if report.get(name, {}).get("settings") == settings and (out / name / "config.json").exists():
             lines.append(f"{name:<5}  skipped (complete, built in {report[name]['seconds']} s)")
             continue
