@@ -108,10 +108,26 @@ def test_linear_probe_reads_a_planted_signal_and_not_noise():
     assert probe.linear_probe(noise, labels, 4) < 45                         # chance is 25%
 
 
+def test_explained_variance_is_the_share_of_the_class_means():
+    labels = torch.tensor([0, 0, 1, 1])
+    # features = class part (+-1 on dim 0) + noise (+-1 on dim 1, orthogonal): half of the variance each
+    features = torch.tensor([[-1.0, 1.0], [-1.0, -1.0], [1.0, 1.0], [1.0, -1.0]])
+    assert probe.explained(features, labels) == 50.0
+    assert probe.explained(features[:, :1], labels) == 100.0
+    assert probe.explained(features[:, 1:], labels) == 0.0
+
+
+def test_copy_task_reports_the_loss_on_the_repeat():
+    curve = probe.copy_task(layers=1, steps=50, n=8, batch_size=4)
+    assert len(curve) == 1 and 0 < curve[0] < 8                        # guessing is ln 997 = 6.9
+
+
 def test_probe_command_reports_reading_and_probes(toy, tmp_path, capsys):
     build_llava(toy / "clip", toy / "llm").save_pretrained(tmp_path / "llava", toy / "llm" / "tokenizer.model")
     probe.main(["--model", str(tmp_path / "llava"), "--data", str(toy), "--questions", "10", "--images", "64"])
     report = json.loads(capsys.readouterr().out)
     assert set(report["probes_percent"]) == {"Z_v", "H_v"}
     assert all(0 <= v <= 100 for part in report["probes_percent"].values() for v in part.values())
+    assert set(report["probes_percent"]["H_v"]) == {"probe_color", "probe_shape", "variance_color",
+                                                    "variance_shape", "variance_cell"}
     assert "count" in report["reading_in_words"]
