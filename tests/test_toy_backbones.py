@@ -12,7 +12,7 @@ from minillava.checkpoint import build_llava
 from minillava.constants import IMAGE_TOKEN_INDEX
 from minillava.conversation import prompt_ids
 from minillava.tokenizer import Tokenizer
-from minillava.toy import backbones, probe
+from minillava.toy import backbones, lm, probe
 from minillava.toy.__main__ import main
 
 ARGS = ["--n-train", "64", "--n-test", "16", "--clip-steps", "6", "--lm-steps", "20", "--no-progress"]
@@ -91,7 +91,7 @@ def test_rerun_skips_complete_parts_and_a_changed_setting_rebuilds_only_that_par
 
 
 def test_same_seed_gives_the_same_weights(toy, tmp_path):
-    for name, train, steps in (("clip", backbones.train_clip, 2), ("llm", backbones.train_lm, 2)):
+    for name, train, steps in (("clip", backbones.train_clip, 2), ("llm", lm.train_lm, 2)):
         a, b = tmp_path / f"{name}_a", tmp_path / f"{name}_b"
         train(str(toy), a, steps=steps, seed=3, progress=False)
         train(str(toy), b, steps=steps, seed=3, progress=False)

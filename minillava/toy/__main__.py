@@ -8,8 +8,8 @@
 
 A part that is complete and was made with the same settings is skipped, so a re-run is instant;
 a changed setting rebuilds that part (and the backbones, if the world changed). The measured
-figures go to <out>/backbones.json. The defaults take about 2.5 minutes on a 2-core CPU with bf16
-units (world ~10 s, CLIP ~50 s, LM ~80 s); --clip-steps and --lm-steps scale the two trainings.
+figures go to <out>/backbones.json. The defaults take about 2 minutes on a 2-core CPU with bf16
+units (world ~8 s, CLIP ~45 s, LM ~80 s); --clip-steps and --lm-steps scale the two trainings.
 Stage 1 (train_pretrain.py) then starts from <out>/clip and <out>/llm.
 """
 import argparse
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from ..training import cli, cpu_has_bf16
-from .backbones import BACKBONES_VERSION, train_clip, train_lm
+from .backbones import BACKBONES_VERSION, train_clip
+from .lm import train_lm
 from .world import VERSION, build_world, write_json
 
 

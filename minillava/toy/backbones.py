@@ -1,4 +1,4 @@
-"""The toy world's tiny pretrained backbones: a CLIP vision tower and a chat LLaMA, in the real layouts.
+"""The toy world's tiny pretrained backbones: a CLIP vision tower here, a chat LLaMA in lm.py, in the real layouts.
 
 LLaVA starts from two pretrained models (paper section 4): CLIP ViT-L/14 and Vicuna. The toy run
 trains miniature stand-ins on the toy world and saves them exactly as the hub ships the real ones
@@ -9,47 +9,35 @@ through the same loaders real weights use.
     (image, caption) pairs, with a learned temperature. The image embedding is a linear projection
     of post_layernorm(CLS); the text encoder (a 2-layer transformer over caption words) is thrown
     away afterwards: only `vision_model.*` is saved, as LLaVA uses only CLIP's vision half.
-    Plus an auxiliary loss, because contrastive training alone leaves the patch tokens (what
-    LLaVA reads) vague about local detail, a known weakness of CLIP: a linear probe reads the
-    shape of the object in a patch token for only 63% of objects after contrastive training.
-    From the penultimate layer's patch tokens, three heads name the colour and the shape of the
-    object in each grid cell (or "empty", read from the boxes) and the cell itself. They are
-    cosine classifiers (CosineHead), so a property is named only if it takes up a real share of
-    the token: with plain linear heads colour explained 73% of an occupied token's variance, shape
-    1.6% and the cell 1.5%, and the LM never learned to read shape or to find a cell; with these
-    15%, 34% and 30% (measured on the held-out scenes). The heads are thrown away too.
+    Plus an auxiliary loss, because contrastive training alone leaves the patch tokens (what LLaVA
+    reads) vague about local detail, a known weakness of CLIP. From the penultimate layer's patch
+    tokens, three cosine heads (CosineHead) name the colour and the shape of the object in each grid
+    cell (or "empty", read from the boxes) and the cell itself; then they are thrown away. Cosine, so
+    that a property is named only if it takes a real share of the token: with plain linear heads,
+    colour explained 73% of an occupied token's variance, shape 1.1%, the cell 0.8%, and the LM never
+    learned to read shape or find a cell; with these 14%, 34%, 30% (`python -m minillava.toy.probe`).
     One patch token per cell of the world's 3x3 grid.
-  * LM: a SentencePiece BPE tokenizer with LLaMA's settings, then a LLaMA trained on lm_corpus.json
-    (the scenes told in words, as chats) rendered in the vicuna_v1 template. It never sees an image.
+  * LM (lm.py): a SentencePiece tokenizer and a LLaMA trained on the scenes told in words, as chats.
 
-Shapes: B batch, N_v patches (9 at 72 px, patch 24), D_v vision width, L words, T tokens, E embedding.
+Shapes: B batch, N_v patches (9 at 72 px, patch 24), D_v vision width, L words, E embedding.
 """
 import argparse
-import io
 import json
 import math
-import os
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import save_clip, save_llama
+from ..checkpoint import save_clip
 from ..clip import CLIPEncoderLayer, CLIPVisionConfig, CLIPVisionTransformer
-from ..constants import IGNORE_INDEX
-from ..conversation import get_template, prompt_ids, render, tokenize_conversation
 from ..image import open_image, preprocess
-from ..llama import KVCache, LlamaConfig, LlamaForCausalLM
-from ..tokenizer import Tokenizer
 from ..training import cpu_has_bf16, lr_at, mixed_precision
-from .teacher import SHORT_ANSWER, normalize_answer
 from .world import COLORS, SHAPES
 
 # CLIP ViT in miniature: 3 x 3 patches of 24 px -> N_v = 9 visual tokens for LLaVA, one per cell of
@@ -57,18 +45,9 @@ from .world import COLORS, SHAPES
 CLIP_CONFIG = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                                num_attention_heads=4, image_size=72, patch_size=24)
 GRID = CLIP_CONFIG.image_size // CLIP_CONFIG.patch_size
-# Weights of the auxiliary loss's three terms next to the contrastive loss (see the docstring). Shape
-# is the hard one for a 4-layer ViT (colour is a pixel average); at (1, 1, 1) it explains 4% of a token.
+# Weights of the auxiliary loss's terms next to the contrastive one; shape is the hard one for a 4-layer ViT.
 AUX_WEIGHTS = (1.0, 5.0, 3.0)   # colour, shape, cell
-# LLaMA in miniature: GQA as in TinyLlama (4 query heads share 2 key/value heads), SwiGLU width
-# ~8/3 D as in LLaMA. Two layers, not four: on a copy task (a random 32-token sequence, then the same
-# again) this model with 2 layers copies after 200-300 steps, with 4 layers it has not started after
-# 300 and is still at loss 2.6 after 1000; copying from context is what LLaVA asks of its LM. 512 positions cover 9 visual tokens + the longest chat (~215 tokens), with room to spare.
-LM_CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 BACKBONES_VERSION = 2   # bumped when the recipe changes, so that `python -m minillava.toy` rebuilds old backbones
-VOCAB_SIZE = 1000       # the toy world has ~220 distinct words: 1000 pieces make most of them one token
-CONV_MODE = "vicuna_v1"  # the template LLaVA-1.5 trains with: the LM learns the exact chat format
 
 # ---------------------------------------------------------------- shared training pieces
 
@@ -161,14 +140,12 @@ def cell_labels(records):
 
 def split_cells(y):
     """cell_labels -> (colour, shape) labels, each 0 for an empty cell, else 1 + its index."""
-    occupied = y > 0
-    return torch.where(occupied, (y - 1) // len(SHAPES) + 1, 0), torch.where(occupied, (y - 1) % len(SHAPES) + 1, 0)
+    return torch.where(y > 0, (y - 1) // len(SHAPES) + 1, 0), torch.where(y > 0, (y - 1) % len(SHAPES) + 1, 0)
 
 
 class CosineHead(nn.Module):
-    """A linear classifier on the direction of a feature: logits = SCALE * cos(h, w_c). Unlike a plain
-    linear head, it cannot rescale a faint direction of h into a confident answer: to be named, a
-    property must take up a real share of the feature vector, which is what the LM will need."""
+    """logits = SCALE * cos(h, w_c): unlike a linear head, it cannot blow a faint direction of h up into a
+    confident answer, so what it learns to name must take a real share of h."""
     SCALE = 10.0
 
     def __init__(self, dim, classes):
@@ -262,154 +239,3 @@ def train_clip(world, out_dir, steps=480, batch_size=64, lr=5e-4, seed=0, dtype=
             "retrieval_images": len(firsts), "heldout_objects_named_from_their_cell": round(cells_right, 4),
             "heldout_cells_named_from_their_token": round(where_right, 4),
             "loss_per_10_steps": loss_curve(losses)}
-
-# ---------------------------------------------------------------- tokenizer and tiny chat LM
-
-
-def tokenizer_corpus(world):
-    """The text the tokenizer learns from: every chat the LM trains on, rendered in the template
-    (so "USER", "ASSISTANT" and the system prompt get their own pieces), plus stage 2's turns (so
-    the later stages write nothing new). Lines are cut at "</s>" (a special token, not text) and at
-    newlines (which, as in LLaMA, are always the byte <0x0A>)."""
-    lines = []
-    for record in json.loads((Path(world) / "lm_corpus.json").read_text()):
-        lines += render(CONV_MODE, [t["value"] for t in record["conversations"]]).split("</s>")
-    for record in json.loads((Path(world) / "instruct.json").read_text()):
-        lines += [t["value"].replace("<image>", "") for t in record["conversations"]]
-    return [line for text in lines for line in text.split("\n") if line.strip()]
-
-
-def train_tokenizer(world, out_file, vocab_size=VOCAB_SIZE):
-    """A SentencePiece BPE model with LLaMA's settings: digits split, byte fallback for anything
-    unseen, no normalization, ids 0/1/2 = <unk>/<s>/</s>, no pad piece (LLaVA pads with <unk>)."""
-    model = io.BytesIO()          # written to memory: a file name would be recorded inside the model
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(tokenizer_corpus(world)), model_writer=model, model_type="bpe",
-        vocab_size=vocab_size, hard_vocab_limit=False,           # a tiny world may offer fewer pieces
-        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    Path(out_file).write_bytes(model.getvalue())
-    return Tokenizer(out_file)
-
-
-@torch.no_grad()
-def greedy_answer(lm, tok, question, max_new_tokens=80):
-    """Greedy decoding through the static KV cache: the prompt once, then one token per step."""
-    ids = prompt_ids(tok, CONV_MODE, question)
-    cache = KVCache(lm.config, 1, len(ids) + max_new_tokens, "cpu", torch.float32)
-    logits = lm(torch.tensor([ids]), cache=cache)[:, -1]          # (1, V)
-    out = []
-    for _ in range(max_new_tokens):
-        token = logits.argmax(-1)                                 # (1,)
-        if token.item() == tok.eos_id:
-            break
-        out.append(token.item())
-        logits = lm(token[:, None], cache=cache)[:, -1]
-    return tok.decode(out)
-
-
-def lm_loss(lm, ids, labels):
-    """Mean next-token cross-entropy over supervised tokens of a (B, T) batch."""
-    logits = lm(ids)                                              # (B, T, V)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX)
-
-
-def pad_batch(rows, pad_id):
-    """[(ids, labels)] -> (B, T) ids and labels, right-padded (labels with IGNORE_INDEX)."""
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), T), pad_id)
-    labels = torch.full((len(rows), T), IGNORE_INDEX)
-    for b, (row_ids, row_labels) in enumerate(rows):
-        ids[b, :len(row_ids)], labels[b, :len(row_labels)] = torch.tensor(row_ids), torch.tensor(row_labels)
-    return ids, labels
-
-
-def batches(rows, batch_size, g, pad_id):
-    """Endless batches: shuffled each epoch, then sorted by length within runs of 32 batches, so a
-    batch pads little (length bucketing), and the batches shuffled again."""
-    while True:
-        order = torch.randperm(len(rows), generator=g).tolist()
-        run = 32 * batch_size
-        runs = [sorted(order[i:i + run], key=lambda k: len(rows[k][0])) for i in range(0, len(order), run)]
-        groups = [r[i:i + batch_size] for r in runs for i in range(0, len(r), batch_size)]
-        for j in torch.randperm(len(groups), generator=g).tolist():
-            yield pad_batch([rows[k] for k in groups[j]], pad_id)
-
-
-def train_lm(world, out_dir, steps=360, batch_size=16, lr=2e-3, seed=0, dtype=None,
-             supervise="all", heldout_scenes=50, progress=True):
-    """Train the tokenizer and the tiny chat LLaMA on lm_corpus.json; save both to out_dir (save_llama).
-
-    supervise="answers" trains as Vicuna's chat fine-tuning and LLaVA's stage 2 do: only the assistant's
-    answers and their </s> are targets. "all" (default) also makes the questions, with the scenes told in
-    words, targets (not the system prompt, the same in every chat): 3.6x the targets for the same compute,
-    standing in for the all-token pretraining LLaMA had before Vicuna. Measured over 400 steps of 16 chats,
-    both reach the same held-out answer loss (0.439 "all", 0.446 "answers").
-    Held out: the records of the last `heldout_scenes` scenes, scored on their answers."""
-    dtype = dtype or ("bf16" if cpu_has_bf16() else "fp32")
-    torch.manual_seed(seed)
-    t_start = time.perf_counter()
-    tmp = tempfile.TemporaryDirectory()
-    tok = train_tokenizer(world, os.path.join(tmp.name, "tokenizer.model"))
-    t_tok = time.perf_counter() - t_start
-
-    records = json.loads((Path(world) / "lm_corpus.json").read_text())
-    scene_of = lambda r: r["id"].rsplit("-lm-", 1)[0]             # "train_000123-lm-4" -> "train_000123"
-    scenes = sorted({scene_of(r) for r in records})
-    held = set(scenes[len(scenes) - min(heldout_scenes, len(scenes) // 5):])   # whole scenes held out
-    system = len(tok.encode_prompt(get_template(CONV_MODE).system))   # BOS + the system prompt's tokens
-    train_rows, test_rows, test_chats = [], [], []
-    for r in records:
-        turns = [t["value"] for t in r["conversations"]]
-        ids, answers = tokenize_conversation(tok, CONV_MODE, turns, f"lm_corpus record {r['id']}")
-        if scene_of(r) in held:
-            test_rows.append((ids, answers))
-            test_chats.append((scene_of(r), turns))
-        elif supervise == "answers":
-            train_rows.append((ids, answers))
-        else:   # every token after the system prompt (the same in every record: nothing to learn)
-            train_rows.append((ids, [IGNORE_INDEX] * system + ids[system:]))
-
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                      pad_token_id=tok.pad_id, **LM_CONFIG)
-    lm = LlamaForCausalLM(cfg).train()
-    for name, p in lm.named_parameters():   # LLaMA's init, N(0, 0.02), residual outputs scaled as in GPT-2
-        if p.dim() >= 2:
-            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
-            nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.num_hidden_layers) if residual else 0.02)
-    data = batches(train_rows, batch_size, torch.Generator().manual_seed(seed), tok.pad_id)
-    tokens = []
-
-    def loss_fn():
-        ids, labels = next(data)
-        tokens.append(ids.numel())
-        return lm_loss(lm, ids, labels)
-
-    losses, ms = train_loop(list(lm.parameters()), loss_fn, steps, lr, (0.9, 0.95), dtype, "tiny LLaMA", progress)
-
-    # Held out: the loss per answer token; greedy short answers scored as the bench scores them
-    # (the first question of each short-answer chat); sample answers, one chat of each kind.
-    lm.eval()
-    with torch.no_grad(), mixed_precision("cpu", dtype):
-        total = count = 0
-        for i in range(0, len(test_rows), 64):
-            ids, labels = pad_batch(test_rows[i:i + 64], tok.pad_id)
-            n = (labels[:, 1:] != IGNORE_INDEX).sum().item()
-            total, count = total + lm_loss(lm, ids, labels).item() * n, count + n
-    short = [turns for _, turns in test_chats if turns[0].endswith(SHORT_ANSWER)]
-    correct = sum(normalize_answer(greedy_answer(lm, tok, q, 8)) == normalize_answer(a) for q, a, *_ in short)
-    samples = sorted(({"question": turns[0], "reference": turns[1], "answer": greedy_answer(lm, tok, turns[0])}
-                      for scene, turns in test_chats if scene == min(held)), key=lambda s: len(s["reference"]))
-    save_llama(lm, out_dir, tok.file)
-    tmp.cleanup()
-    return {"config": cfg.to_dict(), "params": sum(p.numel() for p in lm.parameters()),
-            "vocab_size": tok.vocab_size, "tokenizer_seconds": round(t_tok, 1),
-            "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "dtype": dtype,
-            "supervise": supervise, "tokens_seen": sum(tokens), "train_records": len(train_rows),
-            "longest_chat_tokens": max(len(ids) for ids, _ in train_rows + test_rows),
-            "step_ms": ms, "seconds": round(time.perf_counter() - t_start, 1),
-            "heldout_answer_loss": round(total / max(count, 1), 4), "heldout_records": len(test_rows),
-            "heldout_short_answer_accuracy": round(correct / max(len(short), 1), 4), "heldout_short_questions": len(short),
-            "samples": samples, "loss_per_10_steps": loss_curve(losses)}

@@ -25,9 +25,8 @@ import argparse
 import json
 import random
 from collections import defaultdict
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +34,10 @@ import torch.nn.functional as F
 from ..checkpoint import build_llava
 from ..llava import LLaVA
 from ..tokenizer import Tokenizer
-from ..training import cli, cpu_has_bf16
 from ..llama import LlamaConfig, LlamaForCausalLM
-from .backbones import GRID, LM_CONFIG, greedy_answer, load_split, train_loop
+from ..training import cli, cpu_has_bf16
+from .backbones import GRID, load_split, split_cells, train_loop
+from .lm import LM_CONFIG, greedy_answer
 from .teacher import normalize_answer, scene_in_words
 from .world import COLORS, SHAPES
 
@@ -82,14 +82,14 @@ def seeing(model_dir, data, n_images):
     if Z_v.shape[1] != GRID * GRID:
         raise SystemExit(f"{model_dir}: {Z_v.shape[1]} visual tokens, the probe needs one per cell ({GRID * GRID})")
     occupied = cells > 0
-    color, shape = (cells[occupied] - 1) // len(SHAPES), (cells[occupied] - 1) % len(SHAPES)
+    color, shape = (labels[occupied] - 1 for labels in split_cells(cells))
     cell = torch.arange(GRID * GRID).repeat(len(X_v))[occupied]
     out = {}
-    for name, F in (("Z_v", Z_v), ("H_v", H_v)):
-        F = F.flatten(0, 1)[occupied].float()
-        out[name] = {"probe_color": linear_probe(F, color, len(COLORS)), "probe_shape": linear_probe(F, shape, len(SHAPES)),
-                     "variance_color": explained(F, color), "variance_shape": explained(F, shape),
-                     "variance_cell": explained(F, cell)}
+    for name, tokens in (("Z_v", Z_v), ("H_v", H_v)):
+        X = tokens.flatten(0, 1)[occupied].float()                           # (N_occupied, D)
+        out[name] = {"probe_color": linear_probe(X, color, len(COLORS)), "probe_shape": linear_probe(X, shape, len(SHAPES)),
+                     "variance_color": explained(X, color), "variance_shape": explained(X, shape),
+                     "variance_cell": explained(X, cell)}
     return out
 
 
