@@ -20,7 +20,7 @@ import torch
 
 from minillava import LLaVA
 from minillava import training as T
-from minillava.checkpoint import save_llava
+from minillava.saving import save_llava
 from minillava.data import LLaVADataset, check_images, load_records
 from minillava.tokenizer import Tokenizer
 

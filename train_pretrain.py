@@ -19,7 +19,7 @@ import torch
 
 from minillava import LLaVA
 from minillava import training as T
-from minillava.checkpoint import save_projector
+from minillava.saving import save_projector
 from minillava.data import LLaVADataset, check_images, load_records
 from minillava.tokenizer import Tokenizer
 

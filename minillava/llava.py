@@ -4,7 +4,7 @@
 
 Reading order: config -> projector W -> the model (encode images, splice, forward/loss) -> generate.
 Shapes: B batch, T text tokens, N_v visual tokens, D_v vision width, D LLM width, V vocabulary.
-Loading and saving the published checkpoint layouts lives in checkpoint.py.
+Loading the published checkpoint layouts lives in checkpoint.py, saving in saving.py.
 """
 from dataclasses import dataclass, field
 
@@ -27,7 +27,7 @@ class LLaVAConfig:
     vision_feature_select_strategy: str = "default"   # "default" drops CLS, "full" keeps it
     image_aspect_ratio: str = "pad"             # "pad" to a square first (LLaVA-1.5) or "crop" (v1)
     conv_mode: str = "vicuna_v1"                # the prompt template the model was trained with
-    image_token_index: int = 0                  # only for transformers (see checkpoint.save_llava)
+    image_token_index: int = 0                  # only for transformers (see saving.save_llava)
 
     @property
     def num_image_tokens(self):                 # N_v: 576 for ViT-L/14 at 336 px
@@ -68,7 +68,7 @@ class LLaVA(nn.Module):
                                                config.text.hidden_size)                  # W
         self.language_model = LlamaForCausalLM(config.text)                              # f_phi
 
-    # Loading and saving (implemented in checkpoint.py; here so `LLaVA.from_pretrained` reads naturally).
+    # Loading and saving (implemented in checkpoint.py and saving.py; here so `LLaVA.from_pretrained` reads naturally).
     @classmethod
     def from_pretrained(cls, path, vision_tower=None, dtype=None, device=None):
         """A llava-hf folder, a minillava folder, an original LLaVA folder (its config names a hub
@@ -85,7 +85,7 @@ class LLaVA(nn.Module):
 
     def save_pretrained(self, out_dir, tokenizer_file=None):
         """Write the llava-hf layout (safetensors + config.json) that transformers also loads."""
-        from .checkpoint import save_llava
+        from .saving import save_llava
         save_llava(self, out_dir, tokenizer_file)
 
     def encode_images(self, images):

@@ -14,7 +14,8 @@ import torch
 import train_finetune
 import train_pretrain
 from minillava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LLaVA
-from minillava.checkpoint import build_llava, save_clip, save_llama
+from minillava.checkpoint import build_llava
+from minillava.saving import save_clip, save_llama
 from minillava.clip import CLIPVisionConfig, CLIPVisionTransformer
 from minillava.data import DataError, LLaVADataset, load_records
 from minillava.llama import LlamaConfig, LlamaForCausalLM

@@ -58,7 +58,7 @@ def main(argv=None):
         write_json(str(report_file), report)
         lines.append(f"world  {report['world']['seconds']:6.1f} s  {args.n_train} train / {args.n_test} test scenes")
 
-    # 2, 3. The backbones. Each folder is written atomically (checkpoint.atomic_dir), and its settings
+    # 2, 3. The backbones. Each folder is written atomically (saving.atomic_dir), and its settings
     # are recorded in backbones.json only after it is saved, so "recorded" means "complete".
     parts = [("clip", train_clip, args.clip_steps), ("llm", train_lm, args.lm_steps)]
     for name, train, steps in parts:

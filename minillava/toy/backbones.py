@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import save_clip
+from ..saving import save_clip
 from ..clip import CLIPEncoderLayer, CLIPVisionConfig, CLIPVisionTransformer
 from ..image import open_image, preprocess
 from ..training import cpu_has_bf16, lr_at, mixed_precision

@@ -2,7 +2,7 @@
 
 A SentencePiece BPE tokenizer with LLaMA's settings, then a LLaMA trained on lm_corpus.json (the scenes
 told in words, as chats) rendered in the vicuna_v1 template. It never sees an image. Saved as a LLaMA
-folder with tokenizer.model (checkpoint.save_llama), so the toy run loads it as real weights are loaded.
+folder with tokenizer.model (saving.save_llama), so the toy run loads it as real weights are loaded.
 
 Shapes: B batch, T tokens, V vocabulary.
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import save_llama
+from ..saving import save_llama
 from ..constants import IGNORE_INDEX
 from ..conversation import get_template, prompt_ids, render, tokenize_conversation
 from ..llama import KVCache, LlamaConfig, LlamaForCausalLM
