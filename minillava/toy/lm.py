@@ -38,6 +38,16 @@ VOCAB_SIZE = 1000       # the toy world has ~220 distinct words: 1000 pieces mak
 CONV_MODE = "vicuna_v1"  # the template LLaVA-1.5 trains with: the LM learns the exact chat format
 
 
+def new_llama(cfg):
+    """A fresh LlamaForCausalLM with LLaMA's init, N(0, 0.02), residual outputs scaled as in GPT-2."""
+    lm = LlamaForCausalLM(cfg).train()
+    for name, p in lm.named_parameters():
+        if p.dim() >= 2:
+            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+            nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.num_hidden_layers) if residual else 0.02)
+    return lm
+
+
 def tokenizer_corpus(world):
     """The text the tokenizer learns from: every chat the LM trains on, rendered in the template
     (so "USER", "ASSISTANT" and the system prompt get their own pieces), plus stage 2's turns (so
@@ -146,11 +156,7 @@ def train_lm(world, out_dir, steps=360, batch_size=16, lr=2e-3, seed=0, dtype=No
 
     cfg = LlamaConfig(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                       pad_token_id=tok.pad_id, **LM_CONFIG)
-    lm = LlamaForCausalLM(cfg).train()
-    for name, p in lm.named_parameters():   # LLaMA's init, N(0, 0.02), residual outputs scaled as in GPT-2
-        if p.dim() >= 2:
-            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
-            nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.num_hidden_layers) if residual else 0.02)
+    lm = new_llama(cfg)
     data = batches(train_rows, batch_size, torch.Generator().manual_seed(seed), tok.pad_id)
     tokens = []
 

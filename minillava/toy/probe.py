@@ -25,7 +25,6 @@ import argparse
 import json
 import random
 from collections import defaultdict
-import math
 from pathlib import Path
 
 import torch
@@ -34,10 +33,10 @@ import torch.nn.functional as F
 from ..checkpoint import build_llava
 from ..llava import LLaVA
 from ..tokenizer import Tokenizer
-from ..llama import LlamaConfig, LlamaForCausalLM
+from ..llama import LlamaConfig
 from ..training import cli, cpu_has_bf16
 from .backbones import GRID, load_split, split_cells, train_loop
-from .lm import LM_CONFIG, greedy_answer
+from .lm import LM_CONFIG, greedy_answer, new_llama
 from .teacher import normalize_answer, scene_in_words
 from .world import COLORS, SHAPES
 
@@ -97,11 +96,7 @@ def copy_task(layers, steps, n=32, batch_size=16, vocab=1000, seed=0):
     """Loss on the repeated half of [BOS, x, x] rows (x: n random tokens), every 50 steps."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, **{**LM_CONFIG, "num_hidden_layers": layers})
-    lm = LlamaForCausalLM(cfg).train()
-    for name, p in lm.named_parameters():                 # the init train_lm uses
-        if p.dim() >= 2:
-            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
-            torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers) if residual else 0.02)
+    lm = new_llama(cfg)                                     # the init train_lm uses
     g, repeat = torch.Generator().manual_seed(seed), []
 
     def loss_fn():
