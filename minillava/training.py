@@ -25,9 +25,10 @@ from .data import collate
 # ---------------------------------------------------------------- recipes (llava-facts section 7)
 # "llava-1.5" and "llava" are the published recipes; "toy" scales them to the toy world on a laptop
 # CPU: a tiny LM trained from scratch needs a far larger learning rate than a 7B Vicuna, and
-# 4000 images need smaller batches to give the optimizer enough steps (stage 2 on the toy world,
-# one epoch: batch 32 gives 259 steps in 112 s and colour 33.5%, batch 8 gives 1040 steps in 153 s
-# and colour 58%); a second epoch lifts shape from 37% to 55%. AdamW, weight decay 0,
+# 4000 images need smaller batches to give the optimizer enough steps (toy stage 2, one epoch, with a
+# 320-step tiny CLIP: batch 32 gives 259 steps in 112 s and colour 33.5%, batch 8 gives 1040 steps in
+# 153 s and colour 58%; with today's backbones a second epoch at batch 8 lifts shape from 37% to 55%,
+# see README). AdamW, weight decay 0,
 # warmup ratio 0.03 and cosine decay are the same everywhere.
 RECIPES = {
     "pretrain": {
