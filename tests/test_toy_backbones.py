@@ -122,6 +122,23 @@ def test_copy_task_reports_the_loss_on_the_repeat():
     assert len(curve) == 1 and 0 < curve[0] < 8                        # guessing is ln 997 = 6.9
 
 
+def test_lookup_rows_name_an_object_whose_cell_is_the_target():
+    ids, targets, counts = probe.lookup_rows(64, 5, 3, torch.Generator().manual_seed(0))
+    assert ids.shape == (64, 1 + 5 + 9 + 2 + 3) and ids[:, 0].eq(0).all()
+    image, (color, shape) = ids[:, 6:15] - 65, (ids[:, 15:17] - 65 - 9 * 21).T    # cell tokens from 0
+    empty = image % 21 == 20
+    assert (~empty).sum(1).tolist() == counts.tolist() and set(counts.tolist()) <= {2, 3, 4}
+    assert (image // 21 == torch.arange(9)).all()                                # each token sits in its cell
+    cell = targets - (65 + 9 * 21 + 5 + 4)
+    named = image[torch.arange(64), cell] % 21                                   # the object at the answer's cell
+    assert (named // 4 == color).all() and (named % 4 == shape - 5).all()
+
+
+def test_lookup_task_reports_accuracy_per_object_count():
+    acc = probe.lookup_task(before=2, after=2, steps=5, batch_size=4, test_rows=60)
+    assert set(acc) == {"2_objects", "3_objects", "4_objects"} and all(0 <= v <= 100 for v in acc.values())
+
+
 def test_probe_command_reports_reading_and_probes(toy, tmp_path, capsys):
     build_llava(toy / "clip", toy / "llm").save_pretrained(tmp_path / "llava", toy / "llm" / "tokenizer.model")
     probe.main(["--model", str(tmp_path / "llava"), "--data", str(toy), "--questions", "10", "--images", "64"])

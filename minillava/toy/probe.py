@@ -20,6 +20,15 @@ If (2) is high and (1) is low, the image features carry the answer and the LM ca
      2 and with 4 layers, trained N steps (16 rows, the backbones' optimizer and schedule) on rows of
      32 random tokens followed by the same 32 again; printed: the loss on the repeat every 50 steps
      (ln 997 = 6.9 is guessing; near 0 is copying, the skill LLaVA asks of its LM).
+  --lookup-task N: why the LM does not pick the shape a question names. Fresh toy-shaped LMs trained N steps
+     (32 rows, stage 2's toy learning rate) on the bench's position question reduced to its bones, with
+     perfect visual tokens: 9 tokens, one per cell, each naming its object's colour, shape and cell (or an
+     empty cell), then a colour token and a shape token; the target is the named object's cell. Three
+     framings: bare, then with filler tokens where the vicuna_v1 prompt puts its 14 tokens after the object's
+     name ("? Answer the question using a single word or phrase. ASSISTANT:"), then also its 33 before the
+     image (BOS, the system prompt, "USER:"), and last N/2 steps of that framing after N on the bare one (does
+     a lookup learned in a short context carry over?). Printed: the accuracy on fresh rows with 2, 3 and 4
+     objects (chance 1/2, 1/3, 1/4).
 """
 import argparse
 import json
@@ -111,6 +120,49 @@ def copy_task(layers, steps, n=32, batch_size=16, vocab=1000, seed=0):
     return [round(sum(repeat[i - 50:i]) / 50, 2) for i in range(50, steps + 1, 50)]
 
 
+def lookup_rows(batch_size, before, after, g):
+    """(B, T) ids, (B,) target cells and (B,) object counts for the lookup task. Ids: 0 BOS, 1..64 fillers,
+    then the 9 x 21 cell tokens (each cell with one of the 20 colour x shape objects, or empty), then colour
+    words, shape words and the 9 answers."""
+    n_props = len(COLORS) * len(SHAPES)                                      # 20 (colour, shape) pairs
+    cell_token = lambda cell, prop: 1 + 64 + cell * (n_props + 1) + prop     # prop == n_props: an empty cell
+    color_word, shape_word = 1 + 64 + 9 * (n_props + 1), 1 + 64 + 9 * (n_props + 1) + len(COLORS)
+    answer = shape_word + len(SHAPES)
+    rows, targets, counts = [], [], []
+    for _ in range(batch_size):
+        n = int(torch.randint(2, 5, (1,), generator=g))
+        cells = torch.randperm(GRID * GRID, generator=g)[:n].tolist()
+        props = torch.randperm(n_props, generator=g)[:n].tolist()              # no two objects alike
+        image = [cell_token(c, n_props) for c in range(GRID * GRID)]
+        for c, prop in zip(cells, props):
+            image[c] = cell_token(c, prop)
+        k = int(torch.randint(0, n, (1,), generator=g))                      # the object the question names
+        question = [color_word + props[k] // len(SHAPES), shape_word + props[k] % len(SHAPES)]
+        rows.append([0] + list(range(1, 1 + before)) + image + question + list(range(33, 33 + after)))
+        targets.append(answer + cells[k])
+        counts.append(n)
+    return torch.tensor(rows), torch.tensor(targets), torch.tensor(counts)
+
+
+def lookup_task(before, after, steps, bare_steps=0, batch_size=32, seed=0, test_rows=600):
+    """Accuracy (%) with 2, 3, 4 objects of a fresh LM of the toy shape trained `steps` steps on lookup_rows,
+    after `bare_steps` steps on the bare framing (before = after = 0)."""
+    torch.manual_seed(seed)
+    lm = new_llama(LlamaConfig(vocab_size=1 + 64 + 9 * 21 + 9 + 9, **LM_CONFIG))
+    g = torch.Generator().manual_seed(seed)
+    dtype = "bf16" if cpu_has_bf16() else "fp32"
+    for b, a, n in ((0, 0, bare_steps), (before, after, steps)):
+        def loss_fn():
+            ids, targets, _ = lookup_rows(batch_size, b, a, g)
+            return F.cross_entropy(lm(ids)[:, -1].float(), targets)            # the answer after the last token
+        if n:
+            train_loop(list(lm.parameters()), loss_fn, n, 5e-4, (0.9, 0.95), dtype, f"lookup task {b}/{a}", False)
+    ids, targets, n_objects = lookup_rows(test_rows, before, after, torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        right = lm.eval()(ids)[:, -1].argmax(-1) == targets
+    return {f"{n}_objects": round(100 * right[n_objects == n].float().mean().item(), 1) for n in (2, 3, 4)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minillava.toy.probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,7 +172,14 @@ def main(argv=None):
     p.add_argument("--questions", type=int, default=400, help="bench questions for the reading test")
     p.add_argument("--images", type=int, default=1500, help="training scenes for the probes")
     p.add_argument("--copy-task", type=int, metavar="N", help="train fresh 2- and 4-layer LMs N steps on copying instead")
+    p.add_argument("--lookup-task", type=int, metavar="N", help="train fresh LMs N steps on the bare lookup instead")
     args = p.parse_args(argv)
+    if args.lookup_task:
+        n = args.lookup_task
+        runs = {"bare": (0, 0, n, 0), "14 tokens after the name": (0, 14, n, 0), "and 33 before the image": (33, 14, n, 0),
+                f"the same, after {n} steps bare": (33, 14, n // 2, n)}
+        print(json.dumps({name: lookup_task(*run) for name, run in runs.items()}, indent=1))
+        return
     if args.copy_task:
         print(json.dumps({f"{layers}_layers_repeat_loss_per_50_steps": copy_task(layers, args.copy_task)
                           for layers in (2, 4)}, indent=1))
