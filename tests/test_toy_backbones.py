@@ -125,13 +125,13 @@ def test_copy_task_reports_the_loss_on_the_repeat():
 def test_lookup_rows_name_an_object_whose_cell_is_the_target():
     ids, targets, counts = probe.lookup_rows(64, 5, 3, torch.Generator().manual_seed(0))
     assert ids.shape == (64, 1 + 5 + 9 + 2 + 3) and ids[:, 0].eq(0).all()
-    image, (color, shape) = ids[:, 6:15] - 65, (ids[:, 15:17] - 65 - 9 * 21).T    # cell tokens from 0
-    empty = image % 21 == 20
-    assert (~empty).sum(1).tolist() == counts.tolist() and set(counts.tolist()) <= {2, 3, 4}
+    image = ids[:, 6:15] - probe.CELL_TOKENS                                     # cell x 21 + object
+    color, shape = ids[:, 15] - probe.COLOR_WORDS, ids[:, 16] - probe.SHAPE_WORDS
+    assert ((image % 21 != probe.N_OBJECTS).sum(1) == counts).all() and set(counts.tolist()) <= {2, 3, 4}
     assert (image // 21 == torch.arange(9)).all()                                # each token sits in its cell
-    cell = targets - (65 + 9 * 21 + 5 + 4)
-    named = image[torch.arange(64), cell] % 21                                   # the object at the answer's cell
-    assert (named // 4 == color).all() and (named % 4 == shape - 5).all()
+    named = image[torch.arange(64), targets - probe.ANSWERS] % 21                # the object at the answer's cell
+    assert (named // 4 == color).all() and (named % 4 == shape).all()
+    assert ids[:, 1:6].max() < ids[:, 17:].min() < probe.CELL_TOKENS             # fillers differ on each side
 
 
 def test_lookup_task_reports_accuracy_per_object_count():

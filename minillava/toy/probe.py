@@ -120,26 +120,32 @@ def copy_task(layers, steps, n=32, batch_size=16, vocab=1000, seed=0):
     return [round(sum(repeat[i - 50:i]) / 50, 2) for i in range(50, steps + 1, 50)]
 
 
+# The lookup task's vocabulary: BOS, fillers before the image and after the name, 9 cells x (20 objects or
+# empty), colour words, shape words, the 9 answers.
+BEFORE, AFTER = 40, 24                                      # room for the filler tokens on each side
+N_OBJECTS = len(COLORS) * len(SHAPES)                       # 20 colour x shape pairs; N_OBJECTS = an empty cell
+CELL_TOKENS = 1 + BEFORE + AFTER
+COLOR_WORDS = CELL_TOKENS + GRID * GRID * (N_OBJECTS + 1)
+SHAPE_WORDS = COLOR_WORDS + len(COLORS)
+ANSWERS = SHAPE_WORDS + len(SHAPES)
+
+
 def lookup_rows(batch_size, before, after, g):
-    """(B, T) ids, (B,) target cells and (B,) object counts for the lookup task. Ids: 0 BOS, 1..64 fillers,
-    then the 9 x 21 cell tokens (each cell with one of the 20 colour x shape objects, or empty), then colour
-    words, shape words and the 9 answers."""
-    n_props = len(COLORS) * len(SHAPES)                                      # 20 (colour, shape) pairs
-    cell_token = lambda cell, prop: 1 + 64 + cell * (n_props + 1) + prop     # prop == n_props: an empty cell
-    color_word, shape_word = 1 + 64 + 9 * (n_props + 1), 1 + 64 + 9 * (n_props + 1) + len(COLORS)
-    answer = shape_word + len(SHAPES)
+    """(B, T) ids, (B,) target cells and (B,) object counts for the lookup task:
+    [BOS, `before` fillers, 9 cell tokens, colour word, shape word, `after` fillers] -> the named object's cell."""
+    assert before <= BEFORE and after <= AFTER
     rows, targets, counts = [], [], []
     for _ in range(batch_size):
         n = int(torch.randint(2, 5, (1,), generator=g))
         cells = torch.randperm(GRID * GRID, generator=g)[:n].tolist()
-        props = torch.randperm(n_props, generator=g)[:n].tolist()              # no two objects alike
-        image = [cell_token(c, n_props) for c in range(GRID * GRID)]
-        for c, prop in zip(cells, props):
-            image[c] = cell_token(c, prop)
+        objects = torch.randperm(N_OBJECTS, generator=g)[:n].tolist()        # no two objects alike
+        image = [CELL_TOKENS + c * (N_OBJECTS + 1) + N_OBJECTS for c in range(GRID * GRID)]
+        for c, o in zip(cells, objects):
+            image[c] = CELL_TOKENS + c * (N_OBJECTS + 1) + o
         k = int(torch.randint(0, n, (1,), generator=g))                      # the object the question names
-        question = [color_word + props[k] // len(SHAPES), shape_word + props[k] % len(SHAPES)]
-        rows.append([0] + list(range(1, 1 + before)) + image + question + list(range(33, 33 + after)))
-        targets.append(answer + cells[k])
+        name = [COLOR_WORDS + objects[k] // len(SHAPES), SHAPE_WORDS + objects[k] % len(SHAPES)]
+        rows.append([0] + list(range(1, 1 + before)) + image + name + list(range(1 + BEFORE, 1 + BEFORE + after)))
+        targets.append(ANSWERS + cells[k])
         counts.append(n)
     return torch.tensor(rows), torch.tensor(targets), torch.tensor(counts)
 
@@ -148,7 +154,7 @@ def lookup_task(before, after, steps, bare_steps=0, batch_size=32, seed=0, test_
     """Accuracy (%) with 2, 3, 4 objects of a fresh LM of the toy shape trained `steps` steps on lookup_rows,
     after `bare_steps` steps on the bare framing (before = after = 0)."""
     torch.manual_seed(seed)
-    lm = new_llama(LlamaConfig(vocab_size=1 + 64 + 9 * 21 + 9 + 9, **LM_CONFIG))
+    lm = new_llama(LlamaConfig(vocab_size=ANSWERS + GRID * GRID, **LM_CONFIG))
     g = torch.Generator().manual_seed(seed)
     dtype = "bf16" if cpu_has_bf16() else "fp32"
     for b, a, n in ((0, 0, bare_steps), (before, after, steps)):
@@ -172,7 +178,7 @@ def main(argv=None):
     p.add_argument("--questions", type=int, default=400, help="bench questions for the reading test")
     p.add_argument("--images", type=int, default=1500, help="training scenes for the probes")
     p.add_argument("--copy-task", type=int, metavar="N", help="train fresh 2- and 4-layer LMs N steps on copying instead")
-    p.add_argument("--lookup-task", type=int, metavar="N", help="train fresh LMs N steps on the bare lookup instead")
+    p.add_argument("--lookup-task", type=int, metavar="N", help="train fresh LMs N steps on a bare lookup in 3 framings instead")
     args = p.parse_args(argv)
     if args.lookup_task:
         n = args.lookup_task
