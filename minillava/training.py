@@ -106,6 +106,11 @@ def cpu_has_bf16():
     return not torch.cuda.is_available() and ("amx_bf16" in flags or "avx512_bf16" in flags)
 
 
+def cpu_dtype():
+    """The toy world's default on a CPU: "bf16" where the hardware has it (cpu_has_bf16), else "fp32"."""
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
 def ensure_toy_world(args):
     """The toy defaults build what is missing of the toy world (a complete one is skipped in seconds)."""
     toy_parts = (args.data, args.vision, args.llm)

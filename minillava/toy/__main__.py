@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..training import cli, cpu_has_bf16
+from ..training import cli, cpu_dtype
 from .backbones import BACKBONES_VERSION, train_clip
 from .lm import train_lm
 from .world import VERSION, build_world, write_json
@@ -40,7 +40,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     out = Path(args.out)
-    dtype = args.dtype or ("bf16" if cpu_has_bf16() else "fp32")
+    dtype = args.dtype or cpu_dtype()
     report_file = out / "backbones.json"
     report = json.loads(report_file.read_text()) if report_file.exists() else {}
     lines, t_total = [], time.perf_counter()

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..saving import save_clip
 from ..clip import CLIPEncoderLayer, CLIPVisionConfig, CLIPVisionTransformer
 from ..image import open_image, preprocess
-from ..training import cpu_has_bf16, lr_at, mixed_precision
+from ..training import cpu_dtype, lr_at, mixed_precision
 from .world import COLORS, SHAPES
 
 # CLIP ViT in miniature: 3 x 3 patches of 24 px -> N_v = 9 visual tokens for LLaVA, one per cell of
@@ -159,7 +159,7 @@ class CosineHead(nn.Module):
 def train_clip(world, out_dir, steps=480, batch_size=64, lr=5e-4, seed=0, dtype=None, progress=True):
     """Train the tiny CLIP contrastively on caps_boxes_train; save its vision half to out_dir (save_clip).
     Returns the measured figures, among them zero-shot retrieval on the held-out test images."""
-    dtype = dtype or ("bf16" if cpu_has_bf16() else "fp32")
+    dtype = dtype or cpu_dtype()
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     X_v, captions, cells = load_split(world, "train")

@@ -24,7 +24,7 @@ from ..constants import IGNORE_INDEX
 from ..conversation import get_template, prompt_ids, render, tokenize_conversation
 from ..llama import KVCache, LlamaConfig, LlamaForCausalLM
 from ..tokenizer import Tokenizer
-from ..training import cpu_has_bf16, mixed_precision
+from ..training import cpu_dtype, mixed_precision
 from .backbones import loss_curve, train_loop
 from .teacher import SHORT_ANSWER, normalize_answer
 
@@ -130,7 +130,7 @@ def train_lm(world, out_dir, steps=360, batch_size=16, lr=2e-3, seed=0, dtype=No
     standing in for the all-token pretraining LLaMA had before Vicuna. Measured over 400 steps of 16 chats,
     both reach the same held-out answer loss (0.439 "all", 0.446 "answers").
     Held out: the records of the last `heldout_scenes` scenes, scored on their answers."""
-    dtype = dtype or ("bf16" if cpu_has_bf16() else "fp32")
+    dtype = dtype or cpu_dtype()
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     tmp = tempfile.TemporaryDirectory()

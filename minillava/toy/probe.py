@@ -43,7 +43,7 @@ from ..checkpoint import build_llava
 from ..llava import LLaVA
 from ..tokenizer import Tokenizer
 from ..llama import LlamaConfig
-from ..training import cli, cpu_has_bf16
+from ..training import cli, cpu_dtype
 from .backbones import GRID, load_split, split_cells, train_loop
 from .lm import LM_CONFIG, greedy_answer, new_llama
 from .teacher import normalize_answer, scene_in_words
@@ -115,7 +115,7 @@ def copy_task(layers, steps, n=32, batch_size=16, vocab=1000, seed=0):
                                  reduction="none").view(batch_size, -1)                 # (B, 2n)
         repeat.append(losses[:, n:].mean().item())
         return losses.mean()
-    dtype = "bf16" if cpu_has_bf16() else "fp32"
+    dtype = cpu_dtype()
     train_loop(list(lm.parameters()), loss_fn, steps, 2e-3, (0.9, 0.95), dtype, f"copy task, {layers} layers", False)
     return [round(sum(repeat[i - 50:i]) / 50, 2) for i in range(50, steps + 1, 50)]
 
@@ -156,13 +156,12 @@ def lookup_task(before, after, steps, bare_steps=0, batch_size=32, seed=0, test_
     torch.manual_seed(seed)
     lm = new_llama(LlamaConfig(vocab_size=ANSWERS + GRID * GRID, **LM_CONFIG))
     g = torch.Generator().manual_seed(seed)
-    dtype = "bf16" if cpu_has_bf16() else "fp32"
     for b, a, n in ((0, 0, bare_steps), (before, after, steps)):
         def loss_fn():
             ids, targets, _ = lookup_rows(batch_size, b, a, g)
             return F.cross_entropy(lm(ids)[:, -1].float(), targets)            # the answer after the last token
-        if n:
-            train_loop(list(lm.parameters()), loss_fn, n, 5e-4, (0.9, 0.95), dtype, f"lookup task {b}/{a}", False)
+        if n > 0:
+            train_loop(list(lm.parameters()), loss_fn, n, 5e-4, (0.9, 0.95), cpu_dtype(), f"lookup task {b}/{a}", False)
     ids, targets, n_objects = lookup_rows(test_rows, before, after, torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         right = lm.eval()(ids)[:, -1].argmax(-1) == targets
