@@ -135,8 +135,12 @@ def test_lookup_rows_name_an_object_whose_cell_is_the_target():
 
 
 def test_lookup_task_reports_accuracy_per_object_count():
-    acc = probe.lookup_task(before=2, after=2, steps=5, batch_size=4, test_rows=60)
+    acc = probe.lookup_task([(0, 0, 3), (2, 2, 3)], batch_size=4, test_rows=60)
     assert set(acc) == {"2_objects", "3_objects", "4_objects"} and all(0 <= v <= 100 for v in acc.values())
+    runs = probe.lookup_framings(1000)
+    assert all(phases[-1][:2] == (33, 14) for name, phases in runs.items() if "gap" in name or "same" in name)
+    widen = runs["the gap widened step by step"]
+    assert [a for _, a, _ in widen] == sorted(a for _, a, _ in widen) and sum(n for *_, n in widen) == 1500
 
 
 def test_probe_command_reports_reading_and_probes(toy, tmp_path, capsys):

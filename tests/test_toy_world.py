@@ -130,15 +130,32 @@ def test_record_mix(built):
         assert all("image" not in r for r in json.load(f))
     with open(os.path.join(built, "instruct.json")) as f:
         kinds = [r["id"].split("-")[1] for r in json.load(f)]
-    assert {k: kinds.count(k) for k in set(kinds)} == {
-        "conversation": round(N_TRAIN * 58 / 80), "detail": round(N_TRAIN * 23 / 80),
-        "complex": round(N_TRAIN * 77 / 80), "text": 2}
+    paper = {"conversation": round(N_TRAIN * 58 / 80), "detail": round(N_TRAIN * 23 / 80), "complex": round(N_TRAIN * 77 / 80)}
+    places = round(sum(paper.values()) * 0.2)                         # 9 on 24 images
+    text = round((sum(paper.values()) + places) * 0.05 / 0.95)         # 3: 5% of all records
+    assert {k: kinds.count(k) for k in set(kinds)} == {**paper, "places": places, "text": text}
     with open(os.path.join(built, "pretrain.json")) as f:
         caps = {r["id"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
         for r in json.load(f):
             human, gpt = (t["value"] for t in r["conversations"])
             assert human.replace(IMAGE_PLACEHOLDER, "").strip() in BRIEF_DESCRIPTION
             assert gpt in caps[r["id"]]["captions"]
+
+
+def test_places_records_pair_every_shape_with_its_cell_in_shuffled_order(built):
+    caps = {r["image"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
+    with open(os.path.join(built, "instruct.json")) as f:
+        records = [r for r in json.load(f) if r["id"].split("-")[1] == "places"]
+    orders = set()
+    for r in records:
+        where = {i["category"]: world.grid_position(i["bbox"]) for i in caps[r["image"]]["instances"]}
+        for question, answer in zip(*[iter(t["value"] for t in r["conversations"])] * 2):
+            pairs = [item.split(": ") for item in answer.rstrip(".").split(". ")]
+            if "as place: shape" in question:
+                pairs = [(name, place) for place, name in pairs]
+            assert dict(pairs) == where and len(pairs) == len(where)      # every shape once, at its cell
+            orders.add([name for name, _ in pairs] == sorted(where, key=lambda n: world.POSITIONS.index(where[n])))
+    assert orders == {True, False}        # sometimes reading order, sometimes not: the list must be read by name
 
 
 def test_splits_share_no_image(built):

@@ -20,15 +20,16 @@ If (2) is high and (1) is low, the image features carry the answer and the LM ca
      2 and with 4 layers, trained N steps (16 rows, the backbones' optimizer and schedule) on rows of
      32 random tokens followed by the same 32 again; printed: the loss on the repeat every 50 steps
      (ln 997 = 6.9 is guessing; near 0 is copying, the skill LLaVA asks of its LM).
-  --lookup-task N: why the LM does not pick the shape a question names. Fresh toy-shaped LMs trained N steps
+  --lookup-task N: why the LM does not pick the shape a question names. Fresh toy-shaped LMs trained
      (32 rows, stage 2's toy learning rate) on the bench's position question reduced to its bones, with
      perfect visual tokens: 9 tokens, one per cell, each naming its object's colour, shape and cell (or an
-     empty cell), then a colour token and a shape token; the target is the named object's cell. Three
-     framings: bare, then with filler tokens where the vicuna_v1 prompt puts its 14 tokens after the object's
-     name ("? Answer the question using a single word or phrase. ASSISTANT:"), then also its 33 before the
-     image (BOS, the system prompt, "USER:"), and last N/2 steps of that framing after N on the bare one (does
-     a lookup learned in a short context carry over?). Printed: the accuracy on fresh rows with 2, 3 and 4
-     objects (chance 1/2, 1/3, 1/4).
+     empty cell), then a colour token and a shape token; the target is the named object's cell. Framings,
+     N steps each unless said: bare; 1 filler token between the name and the answer; 14 there, where the
+     vicuna_v1 prompt puts "? Answer the question using a single word or phrase. ASSISTANT:"; also its 33
+     before the image (BOS, the system prompt, "USER:"), as the bench asks; that framing for N/2 steps after
+     N bare; and the gap widened step by step (0.6 N steps bare, then 0.15 N each at 1, 2, 4 and 8 tokens
+     after the name with 4, 12, 24 before, then 0.3 N in the bench's framing). Printed: the accuracy in the
+     last framing trained, on fresh rows with 2, 3 and 4 objects (chance 1/2, 1/3, 1/4).
 """
 import argparse
 import json
@@ -150,22 +151,30 @@ def lookup_rows(batch_size, before, after, g):
     return torch.tensor(rows), torch.tensor(targets), torch.tensor(counts)
 
 
-def lookup_task(before, after, steps, bare_steps=0, batch_size=32, seed=0, test_rows=600):
-    """Accuracy (%) with 2, 3, 4 objects of a fresh LM of the toy shape trained `steps` steps on lookup_rows,
-    after `bare_steps` steps on the bare framing (before = after = 0)."""
+def lookup_task(phases, batch_size=32, seed=0, test_rows=600):
+    """Accuracy (%) with 2, 3, 4 objects of a fresh LM of the toy shape trained on lookup_rows in each of
+    `phases`, [(before, after, steps)] in turn, scored in the framing of the last phase."""
     torch.manual_seed(seed)
     lm = new_llama(LlamaConfig(vocab_size=ANSWERS + GRID * GRID, **LM_CONFIG))
     g = torch.Generator().manual_seed(seed)
-    for b, a, n in ((0, 0, bare_steps), (before, after, steps)):
+    for before, after, steps in phases:
         def loss_fn():
-            ids, targets, _ = lookup_rows(batch_size, b, a, g)
+            ids, targets, _ = lookup_rows(batch_size, before, after, g)
             return F.cross_entropy(lm(ids)[:, -1].float(), targets)            # the answer after the last token
-        if n > 0:
-            train_loop(list(lm.parameters()), loss_fn, n, 5e-4, (0.9, 0.95), cpu_dtype(), f"lookup task {b}/{a}", False)
+        train_loop(list(lm.parameters()), loss_fn, steps, 5e-4, (0.9, 0.95), cpu_dtype(), f"lookup {before}/{after}", False)
     ids, targets, n_objects = lookup_rows(test_rows, before, after, torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         right = lm.eval()(ids)[:, -1].argmax(-1) == targets
     return {f"{n}_objects": round(100 * right[n_objects == n].float().mean().item(), 1) for n in (2, 3, 4)}
+
+
+def lookup_framings(n):
+    """--lookup-task's runs: name -> phases (see the module docstring)."""
+    chat = (33, 14)                                      # vicuna_v1's tokens before the image, after the name
+    widen = [(0, 0, 6 * n // 10)] + [(b, a, 15 * n // 100) for b, a in ((0, 1), (4, 2), (12, 4), (24, 8))]
+    return {"bare": [(0, 0, n)], "1 token after the name": [(0, 1, n)], "14 tokens after the name": [(0, 14, n)],
+            "and 33 before the image": [(*chat, n)], f"the same, {n // 2} steps after {n} bare": [(0, 0, n), (*chat, n // 2)],
+            "the gap widened step by step": widen + [(*chat, 3 * n // 10)]}
 
 
 def main(argv=None):
@@ -177,13 +186,10 @@ def main(argv=None):
     p.add_argument("--questions", type=int, default=400, help="bench questions for the reading test")
     p.add_argument("--images", type=int, default=1500, help="training scenes for the probes")
     p.add_argument("--copy-task", type=int, metavar="N", help="train fresh 2- and 4-layer LMs N steps on copying instead")
-    p.add_argument("--lookup-task", type=int, metavar="N", help="train fresh LMs N steps on a bare lookup in 3 framings instead")
+    p.add_argument("--lookup-task", type=int, metavar="N", help="train fresh LMs about N steps each on a bare lookup in 6 framings instead")
     args = p.parse_args(argv)
     if args.lookup_task:
-        n = args.lookup_task
-        runs = {"bare": (0, 0, n, 0), "14 tokens after the name": (0, 14, n, 0), "and 33 before the image": (33, 14, n, 0),
-                f"the same, after {n} steps bare": (33, 14, n // 2, n)}
-        print(json.dumps({name: lookup_task(*run) for name, run in runs.items()}, indent=1))
+        print(json.dumps({name: lookup_task(phases) for name, phases in lookup_framings(args.lookup_task).items()}, indent=1))
         return
     if args.copy_task:
         print(json.dumps({f"{layers}_layers_repeat_loss_per_50_steps": copy_task(layers, args.copy_task)

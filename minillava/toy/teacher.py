@@ -3,6 +3,7 @@
 Like GPT-4 in the paper, the teacher never sees pixels: it reads the symbolic caps_boxes
 record (captions + one box per object) and writes the three response types: conversation,
 detailed description and complex reasoning. It also writes stage-1 caption records,
+"places" lists (every shape with its cell: LLaVA-1.5's region-level data in miniature),
 text-only records (the scene told in words, for LM pretraining and the ShareGPT-like share
 of stage 2) and the held-out benchmark. Answers follow fixed patterns so a tiny model can
 learn them; questions only ask what the record answers for certain.
@@ -23,6 +24,7 @@ SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 PAPER_MIX = {"conversation": 58, "detail": 23, "complex": 77}
 PAPER_IMAGES = 80
 TEXT_ONLY_FRACTION = 0.05  # share of text-only records in instruct.json (mix665k's ShareGPT part)
+PLACES_FRACTION = 0.2      # "places" records per image record (mix665k's region-level part, see places())
 BENCH_CATEGORIES = ["count", "color", "shape", "position", "relation"]
 INTROS = ["Picture this: {}.", "Imagine an image with {}.", "Suppose a picture shows {}.",
           "Consider an image containing {}."]
@@ -145,6 +147,22 @@ def conversation(objs, rng, short):
     return pairs
 
 
+# ---------------------------------------------------------------- places: every shape and its cell
+# LLaVA-1.5's mix665k adds region-level data (RefCOCO, Visual Genome) that pairs objects with where
+# they are. The toy stand-in lists every shape with its place, and every place with its shape, in a
+# random order each time, so the list can only be written by reading each named object's token. This
+# is where the LM learns to find the token a name points at: right after the name, a lookup a fresh
+# LM finds within minutes, and which then carries over to the questions, where the name sits 14 tokens
+# before the answer (`python -m minillava.toy.probe --lookup-task 1000`).
+
+def places(objs, rng):
+    by_name = ". ".join(f"{o.name}: {o.position}" for o in rng.sample(objs, len(objs))) + "."
+    by_place = ". ".join(f"{o.position}: {o.name}" for o in rng.sample(objs, len(objs))) + "."
+    pairs = [("List every shape with its place in the image, as shape: place.", by_name),
+             ("List what is in each occupied part of the image, as place: shape.", by_place)]
+    return rng.sample(pairs, 2)
+
+
 # ---------------------------------------------------------------- detailed description
 
 def relation(a, b):
@@ -262,6 +280,8 @@ def respond(kind, record, rng):
         return [(rng.choice(DETAILED_DESCRIPTION), describe(objs, background))]
     if kind == "complex":
         return [reason(objs, rng)]
+    if kind == "places":
+        return places(objs, rng)
     short = {"short": True, "full": False, "conversation": rng.random() < 0.5}[kind]
     return conversation(objs, rng, short)
 
@@ -315,14 +335,15 @@ def text_only_records(records, seed, per_scene=5):
     return out
 
 
-def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRACTION):
-    """Stage 2 (like llava_instruct_158k + a little of mix665k's text-only data), shuffled.
+def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRACTION, places_fraction=PLACES_FRACTION):
+    """Stage 2 (like llava_instruct_158k + a little of mix665k's region-level and text-only data), shuffled.
 
     Conversation, detailed and complex-reasoning records in the paper's 58:23:77 proportion
-    per 80 images (times `scale`), each on a random image; then `text_only_fraction` of the
-    total as text-only records.
+    per 80 images (times `scale`), each on a random image; `places_fraction` as many "places"
+    records; then `text_only_fraction` of the total as text-only records.
     """
     plan = {kind: round(len(records) * per_80 / PAPER_IMAGES * scale) for kind, per_80 in PAPER_MIX.items()}
+    plan["places"] = round(sum(plan.values()) * places_fraction)
     plan["text"] = round(sum(plan.values()) * text_only_fraction / (1 - text_only_fraction))
     out = []
     for kind, n in plan.items():
