@@ -28,7 +28,7 @@ If (2) is high and (1) is low, the image features carry the answer and the LM ca
      vicuna_v1 prompt puts "? Answer the question using a single word or phrase. ASSISTANT:"; also its 33
      before the image (BOS, the system prompt, "USER:"), as the bench asks; that framing for N/2 steps after
      N bare; and the gap widened step by step (0.6 N steps bare, then 0.15 N each at 1, 2, 4 and 8 tokens
-     after the name with 4, 12, 24 before, then 0.3 N in the bench's framing). Printed: the accuracy in the
+     after the name with 0, 4, 12, 24 before, then 0.3 N in the bench's framing). Printed: the accuracy in the
      last framing trained, on fresh rows with 2, 3 and 4 objects (chance 1/2, 1/3, 1/4).
 """
 import argparse

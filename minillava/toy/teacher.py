@@ -151,9 +151,9 @@ def conversation(objs, rng, short):
 # LLaVA-1.5's mix665k adds region-level data (RefCOCO, Visual Genome) that pairs objects with where
 # they are. The toy stand-in lists every shape with its place, and every place with its shape, in a
 # random order each time, so the list can only be written by reading each named object's token. This
-# is where the LM learns to find the token a name points at: right after the name, a lookup a fresh
-# LM finds within minutes, and which then carries over to the questions, where the name sits 14 tokens
-# before the answer (`python -m minillava.toy.probe --lookup-task 1000`).
+# is where the LM learns to find the token a name points at: one token after the name, close enough for
+# a fresh LM to find the lookup, which then carries over (in part) to the questions, where the name sits
+# 14 tokens before the answer (`python -m minillava.toy.probe --lookup-task 1000`, README).
 
 def places(objs, rng):
     by_name = ". ".join(f"{o.name}: {o.position}" for o in rng.sample(objs, len(objs))) + "."
