@@ -83,6 +83,12 @@ class LLaVADataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
+    def lengths(self):
+        """A cheap length per record for --group-by-length, without tokenizing: words in the turns,
+        plus N_v for an image (as LLaVA's modality_lengths counts words)."""
+        return [sum(len(t["value"].split()) for t in r["conversations"]) + (self.n_v if "image" in r else 0)
+                for r in self.records]
+
     def __getitem__(self, i):
         r = self.records[i]
         where = f"{self.name} record {i} (id {r['id']})"

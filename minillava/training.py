@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_state_dict)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from .constants import IGNORE_INDEX
 from .data import collate
@@ -29,7 +29,9 @@ from .data import collate
 # 320-step tiny CLIP: batch 32 gives 259 steps in 112 s and colour 33.5%, batch 8 gives 1040 steps in
 # 153 s and colour 58%; with today's backbones a second epoch at batch 8 lifts shape from 37% to 55%,
 # see README). AdamW, weight decay 0,
-# warmup ratio 0.03 and cosine decay are the same everywhere.
+# warmup ratio 0.03 and cosine decay are the same everywhere. LLaVA-1.5's stage 2 batches records of
+# similar length together; the toy run does not: its batches of 8 would hold one kind of record each,
+# for 8% less time.
 RECIPES = {
     "pretrain": {
         "llava": dict(lr=2e-3, batch_size=128, micro_batch_size=16, epochs=1, max_length=2048),
@@ -38,7 +40,8 @@ RECIPES = {
     },
     "finetune": {
         "llava": dict(lr=2e-5, batch_size=32, micro_batch_size=4, epochs=3, max_length=2048),
-        "llava-1.5": dict(lr=2e-5, batch_size=128, micro_batch_size=16, epochs=1, max_length=2048),
+        "llava-1.5": dict(lr=2e-5, batch_size=128, micro_batch_size=16, epochs=1, max_length=2048,
+                          group_by_length=True),  # its group_by_modality_length
         "toy": dict(lr=5e-4, batch_size=8, micro_batch_size=8, epochs=2, max_length=512),
     },
 }
@@ -72,7 +75,10 @@ def parser(stage, description):
     a("--resume", action=argparse.BooleanOptionalAction, default=False,
       help="continue from --out/trainer_state.pt: same model, optimizer, schedule, data order and step")
     a("--save-every", type=int, default=0, help="write resumable state every N steps (0: only at the end)")
-    a("--workers", type=int, default=2, help="DataLoader worker processes per GPU/process")
+    a("--workers", type=int, help="DataLoader worker processes per process [2 with a GPU; 0 on a CPU, "
+      "where workers take cores from the training itself]")
+    a("--group-by-length", action=argparse.BooleanOptionalAction,
+      help="batch records of similar length together, to pad less [recipe: on in LLaVA-1.5's stage 2]")
     a("--log-every", type=int, default=1, help="progress-bar refresh interval in steps")
     return p
 
@@ -81,7 +87,7 @@ def resolve(args, stage, toy_data):
     """Fill defaults from the recipe and the toy world; compute gradient accumulation."""
     toy = args.data is None
     recipe = RECIPES[stage][args.recipe or ("toy" if toy else "llava-1.5")]
-    for k, v in recipe.items():
+    for k, v in {"group_by_length": False, **recipe}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if toy:
@@ -90,6 +96,8 @@ def resolve(args, stage, toy_data):
     missing = [f"--{k.replace('_', '-')}" for k in ("vision", "llm", "image_folder") if getattr(args, k) is None]
     if missing:
         raise SystemExit(f"error: with --data, also give {' '.join(missing)}")
+    if args.workers is None:
+        args.workers = 2 if torch.cuda.is_available() else 0
     if args.dtype is None:
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         args.dtype = "bf16" if cuda_bf16 or cpu_has_bf16() else "fp32"
@@ -193,19 +201,35 @@ def steps_per_epoch(dataset, args, world):
     return per_process // (args.micro_batch_size * args.accum)
 
 
+def length_grouped(lengths, batch, generator, mega=50):
+    """An epoch's order in which each global batch holds records of similar length, so padding
+    wastes little (HF Trainer's group_by_length; LLaVA-1.5 trains with a variant of it): cut a
+    random permutation into mega-batches of `mega` global batches, sort each by length, cut it
+    into batches, and shuffle the batches. Incomplete batches are dropped."""
+    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = []
+    for i in range(0, len(perm), mega * batch):
+        chunk = sorted(perm[i:i + mega * batch], key=lambda j: lengths[j], reverse=True)
+        batches += [chunk[k:k + batch] for k in range(0, len(chunk) - batch + 1, batch)]
+    return [j for k in torch.randperm(len(batches), generator=generator).tolist() for j in batches[k]]
+
+
 def global_batches(dataset, args, world, start, total):
     """Yield (step, micro-batches of this process) from `start` to `total` across epochs.
-    DistributedSampler shuffles with seed + epoch, the same on every process, and gives process r
-    every world-th sample, so the global batch is the same whatever the world size. A resumed run
-    skips, without loading them, the micro-batches the interrupted run had already used."""
+    Every process draws the same epoch order (seed + epoch) and takes every world-th sample of it,
+    so the global batch is the same whatever the world size (DistributedSampler's rule). A resumed
+    run skips, without loading them, the micro-batches the interrupted run had already used."""
     per_epoch = steps_per_epoch(dataset, args, world)
+    lengths = dataset.lengths() if args.group_by_length else None
     step = start
     while step < total:
         epoch, offset = divmod(step, per_epoch)
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank(), shuffle=True,
-                                     seed=args.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        order, m = list(sampler), args.micro_batch_size
+        g = torch.Generator().manual_seed(args.seed + epoch)
+        if lengths:
+            order = length_grouped(lengths, args.batch_size, g)
+        else:
+            order = torch.randperm(len(dataset), generator=g).tolist()
+        order, m = order[:len(order) // world * world][rank()::world], args.micro_batch_size
         micro = [order[i:i + m] for i in range(0, len(order) - m + 1, m)][offset * args.accum:]
         loader = iter(DataLoader(dataset, batch_sampler=micro, collate_fn=collate, num_workers=args.workers))
         for step in range(step, min(total, (epoch + 1) * per_epoch)):

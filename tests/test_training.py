@@ -14,6 +14,7 @@ import torch
 import train_finetune
 import train_pretrain
 from minillava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LLaVA
+from minillava import training as T
 from minillava.checkpoint import build_llava
 from minillava.saving import save_clip, save_llama
 from minillava.clip import CLIPVisionConfig, CLIPVisionTransformer
@@ -88,16 +89,32 @@ def run(args, script="train_finetune.py", nproc=1, **popen):
 
 def test_same_global_batch_gives_same_losses_for_2_processes_and_for_accumulation(world, tmp_path):
     # Stage 2 with text-only records mixed in: W, the LLM, DDP's unused-parameter path all take part.
+    # Length-grouped batches (LLaVA-1.5's stage 2) must be the same global batches too.
     common = {"max-steps": 3, "batch-size": 8, "projector": "none"}
-    run(flags(world, tmp_path / "one", "instruct.json", **common, **{"micro-batch-size": 8}))
-    run(flags(world, tmp_path / "accum", "instruct.json", **common, **{"micro-batch-size": 2}))
-    run(flags(world, tmp_path / "ddp", "instruct.json", **common, **{"micro-batch-size": 4}), nproc=2)
+    grouped = ["--group-by-length"]
+    run(flags(world, tmp_path / "one", "instruct.json", **common, **{"micro-batch-size": 8}) + grouped)
+    run(flags(world, tmp_path / "accum", "instruct.json", **common, **{"micro-batch-size": 2}) + grouped)
+    run(flags(world, tmp_path / "ddp", "instruct.json", **common, **{"micro-batch-size": 4}) + grouped, nproc=2)
     one, accum, ddp = losses(tmp_path / "one"), losses(tmp_path / "accum"), losses(tmp_path / "ddp")
     assert len(one) == 3
     assert accum == pytest.approx(one, rel=1e-4)
     assert ddp == pytest.approx(one, rel=1e-4)
     assert json.loads((tmp_path / "ddp" / "train_args.json").read_text())["accum"] == 1
     assert json.loads((tmp_path / "accum" / "train_args.json").read_text())["accum"] == 4
+
+
+def test_length_grouped_order_pads_less_keeps_every_record_and_shuffles_the_batches():
+    lengths = torch.randint(10, 200, (1003,), generator=torch.Generator().manual_seed(0)).tolist()
+    order = T.length_grouped(lengths, 8, torch.Generator().manual_seed(1), mega=50)
+    assert len(order) == 1000 and len(set(order)) == 1000     # 2 mega-batches of 400, then 25 batches of 203
+    batches = [order[i:i + 8] for i in range(0, 1000, 8)]
+    padded = lambda bs: sum(8 * max(lengths[j] for j in b) for b in bs) / sum(lengths[j] for b in bs for j in b)
+    shuffled = torch.randperm(1003, generator=torch.Generator().manual_seed(1)).tolist()
+    assert padded(batches) < 1.05 < 1.3 < padded([shuffled[i:i + 8] for i in range(0, 1000, 8)])
+    longest = [max(lengths[j] for j in b) for b in batches]
+    assert longest != sorted(longest, reverse=True)              # batch order is random, not by length
+    assert T.length_grouped(lengths, 8, torch.Generator().manual_seed(1)) == order
+    assert T.length_grouped(lengths, 8, torch.Generator().manual_seed(2)) != order
 
 
 def test_fsdp_on_2_processes_gives_the_same_losses_and_checkpoint_as_one_process(world, tmp_path):
