@@ -13,7 +13,7 @@ import tiny
 from minillava.eval.__main__ import main
 from minillava.eval.llava_bench import parse_scores, relative_scores
 from minillava.eval.scienceqa import extract_answer, render_prompt, finish_prompt, score_scienceqa
-from minillava.eval.toy import score_toy
+from minillava.eval.toy import by_shape_count, score_toy
 
 CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -298,6 +298,13 @@ def test_toy_scores_per_category_exact_and_normalized():
     assert [r["normalized"] for r in scored] == [True, True, True, False, True, False]
 
 
+def test_toy_scores_split_by_the_number_of_shapes():
+    rows = [{"category": "color", "shapes": n, "normalized": ok} for n, ok in
+            [(1, True), (1, True), (2, True), (2, False), (3, False)]] + [{"category": "count", "shapes": None,
+                                                                            "normalized": True}]
+    assert by_shape_count(rows) == {"color": {1: 100.0, 2: 50.0, 3: 0.0}}
+
+
 def test_toy_cli_on_tiny_model_and_world_batching_leaves_answers_unchanged(tmp_path, model_dir):
     from minillava.toy import build_world
     build_world(tmp_path / "toy", n_train=4, n_test=4, progress=False)
@@ -310,7 +317,11 @@ def test_toy_cli_on_tiny_model_and_world_batching_leaves_answers_unchanged(tmp_p
     assert "| category | questions | exact | normalized |" in table
     for category in ("count", "color", "shape", "position", "all"):
         assert f"| {category} |" in table
-    assert json.loads((out / "results.json").read_text())["scores"]["all"]["questions"] == n
+    results = json.loads((out / "results.json").read_text())
+    assert results["scores"]["all"]["questions"] == n
+    boxes = [json.loads(l) for l in (tmp_path / "toy" / "caps_boxes_test.jsonl").read_text().splitlines()]
+    assert {n for per in results["by_shape_count"].values() for n in per} == {str(len(r["instances"])) for r in boxes}
+    assert "Normalized accuracy by the number of shapes in the image:" in table
     # Left-padded batches of 8 give the answers of one question at a time (greedy, fp32).
     assert main(["toy", "--model", str(model_dir), "--data", str(tmp_path / "toy"), "--out", str(tmp_path / "one"),
                  "--max-new-tokens", "3", "--batch-size", "1", "--device", "cpu", "--limit", "8"]) == 0

@@ -14,7 +14,9 @@ Two scores per category:
   normalized  the two are equal after normalize_answer: lower case, punctuation -> spaces,
               no a/an/the, number words -> digits ("Three." -> "3", "The Top-Left" -> "top left")
 Exact match shows whether the model learned the format; normalized match whether it knows the
-answer. A question without an answer counts as wrong in both.
+answer. A question without an answer counts as wrong in both. A second table splits the normalized
+score by how many shapes the image holds (from caps_boxes_test.jsonl): with one shape nothing needs
+binding; with several, the model must find the one shape the question names.
 """
 from collections import defaultdict
 from pathlib import Path
@@ -50,11 +52,26 @@ def score_toy(questions, answers):
     return results, scored
 
 
-def format_table(scores, title):
+def by_shape_count(scored):
+    """{category: {n shapes: normalized accuracy in percent}} over the rows that carry "shapes"."""
+    hits = defaultdict(lambda: defaultdict(list))
+    for row in scored:
+        if row.get("shapes"):
+            hits[row["category"]][row["shapes"]].append(row["normalized"])
+    return {c: {n: 100 * sum(v) / len(v) for n, v in sorted(per.items())} for c, per in hits.items()}
+
+
+def format_table(scores, title, split=None):
     rows = [[name, s["questions"], pct(s["exact"], 1), pct(s["normalized"], 1)] for name, s in scores.items()]
-    return "\n".join([f"## {title}", "", markdown_table(["category", "questions", "exact", "normalized"], rows),
-                      "", "exact: the stripped answer equals the gold answer; normalized: equal after "
-                      "normalize_answer (case, punctuation, articles, number words)."])
+    text = [f"## {title}", "", markdown_table(["category", "questions", "exact", "normalized"], rows),
+            "", "exact: the stripped answer equals the gold answer; normalized: equal after "
+            "normalize_answer (case, punctuation, articles, number words)."]
+    if split:
+        counts = sorted({n for per in split.values() for n in per})
+        rows = [[c] + [pct(split[c].get(n), 1) for n in counts] for c in scores if c in split]
+        text += ["", "Normalized accuracy by the number of shapes in the image:", "",
+                 markdown_table(["category"] + [f"{n} shape{'s' if n > 1 else ''}" for n in counts], rows)]
+    return "\n".join(text)
 
 
 def add_arguments(p):
@@ -73,8 +90,13 @@ def run(args):
               "image": Path(args.data) / "images" / q["image"]} for q in questions]
     answers = answer_questions(items, args, out / "answers.jsonl", desc="toy bench")
     scores, scored = score_toy(questions, {k: e["text"] for k, e in answers.items()})
-    results = {"scores": scores, "settings": settings(args, answers, data=str(args.data))}
+    boxes = Path(args.data) / "caps_boxes_test.jsonl"
+    shapes = {r["image"]: len(r["instances"]) for r in read_jsonl(boxes, "the toy world's boxes")} if boxes.exists() else {}
+    for q, row in zip(questions, scored):
+        row["shapes"] = shapes.get(q["image"])
+    split = by_shape_count(scored)
+    results = {"scores": scores, "by_shape_count": split, "settings": settings(args, answers, data=str(args.data))}
     limited = " (--limit)" if args.limit else ""
     write_results(out, results, format_table(scores, f"Toy bench: {len(questions)} questions{limited}, "
-                                                     f"model {args.model}"), scored)
+                                                     f"model {args.model}", split), scored)
     return 0
