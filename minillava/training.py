@@ -24,14 +24,11 @@ from .data import collate
 
 # ---------------------------------------------------------------- recipes (llava-facts section 7)
 # "llava-1.5" and "llava" are the published recipes; "toy" scales them to the toy world on a laptop
-# CPU: a tiny LM trained from scratch needs a far larger learning rate than a 7B Vicuna, and
-# 4000 images need smaller batches to give the optimizer enough steps (toy stage 2, one epoch, with a
-# 320-step tiny CLIP: batch 32 gives 259 steps in 112 s and colour 33.5%, batch 8 gives 1040 steps in
-# 153 s and colour 58%; with today's backbones a second epoch at batch 8 lifts shape from 37% to 55%,
-# see README). AdamW, weight decay 0,
-# warmup ratio 0.03 and cosine decay are the same everywhere. LLaVA-1.5's stage 2 batches records of
-# similar length together; the toy run does not: its batches of 8 would hold one kind of record each,
-# for 8% less time.
+# CPU: a tiny LM trained from scratch needs a far larger learning rate than a 7B Vicuna, and 4000 images
+# need smaller batches to give the optimizer enough steps (toy stage 2, one epoch: batch 32 gave colour
+# 33.5%, batch 8 58%; see README). AdamW, weight decay 0, warmup ratio 0.03 and cosine decay everywhere.
+# LLaVA-1.5's stage 2 batches records of similar length together; the toy run does not (its batches of 8
+# would each hold one kind of record, for 8% less time).
 RECIPES = {
     "pretrain": {
         "llava": dict(lr=2e-3, batch_size=128, micro_batch_size=16, epochs=1, max_length=2048),
@@ -225,10 +222,8 @@ def global_batches(dataset, args, world, start, total):
     while step < total:
         epoch, offset = divmod(step, per_epoch)
         g = torch.Generator().manual_seed(args.seed + epoch)
-        if lengths:
-            order = length_grouped(lengths, args.batch_size, g)
-        else:
-            order = torch.randperm(len(dataset), generator=g).tolist()
+        order = length_grouped(lengths, args.batch_size, g) if lengths else \
+            torch.randperm(len(dataset), generator=g).tolist()
         order, m = order[:len(order) // world * world][rank()::world], args.micro_batch_size
         micro = [order[i:i + m] for i in range(0, len(order) - m + 1, m)][offset * args.accum:]
         loader = iter(DataLoader(dataset, batch_sampler=micro, collate_fn=collate, num_workers=args.workers))

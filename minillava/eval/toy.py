@@ -91,7 +91,8 @@ def run(args):
     answers = answer_questions(items, args, out / "answers.jsonl", desc="toy bench")
     scores, scored = score_toy(questions, {k: e["text"] for k, e in answers.items()})
     boxes = Path(args.data) / "caps_boxes_test.jsonl"
-    shapes = {r["image"]: len(r["instances"]) for r in read_jsonl(boxes, "the toy world's boxes")} if boxes.exists() else {}
+    shapes = {r["image"]: len(r["instances"]) for r in read_jsonl(boxes, "the toy world's boxes")
+              } if boxes.exists() else {}
     for q, row in zip(questions, scored):
         row["shapes"] = shapes.get(q["image"])
     split = by_shape_count(scored)
