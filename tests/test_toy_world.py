@@ -153,6 +153,9 @@ def test_places_records_pair_every_shape_with_its_cell_in_shuffled_order(built):
             pairs = [item.split(": ") for item in answer.rstrip(".").split(". ")]
             if "as place: shape" in question:
                 pairs = [(name, place) for place, name in pairs]
+            if "as kind: place" in question:                              # the kind alone, "square: top"
+                assert sorted(map(tuple, pairs)) == sorted((name.split()[1], place) for name, place in where.items())
+                continue
             assert dict(pairs) == where and len(pairs) == len(where)      # every shape once, at its cell
             orders.add([name for name, _ in pairs] == sorted(where, key=lambda n: world.POSITIONS.index(where[n])))
     assert orders == {True, False}        # sometimes reading order, sometimes not: the list must be read by name

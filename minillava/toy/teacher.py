@@ -153,14 +153,19 @@ def conversation(objs, rng, short):
 # random order each time, so the list can only be written by reading each named object's token. This
 # is where the LM learns to find the token a name points at: one token after the name, close enough for
 # a fresh LM to find the lookup, which then carries over (in part) to the questions, where the name sits
-# 14 tokens before the answer (`python -m minillava.toy.probe --lookup-task 1000`, README).
+# 14 tokens before the answer (`python -m minillava.toy.probe --lookup-task 1000`, README). The third list
+# names each shape by its kind alone ("square: top."): elsewhere a shape word nearly always follows a colour
+# word, and without it some runs never learn to read a shape with nothing before it (the bench's short
+# answer "square"; README, the three data orders).
 
 def places(objs, rng):
     by_name = ". ".join(f"{o.name}: {o.position}" for o in rng.sample(objs, len(objs))) + "."
     by_place = ". ".join(f"{o.position}: {o.name}" for o in rng.sample(objs, len(objs))) + "."
+    by_kind = ". ".join(f"{o.shape}: {o.position}" for o in rng.sample(objs, len(objs))) + "."
     pairs = [("List every shape with its place in the image, as shape: place.", by_name),
-             ("List what is in each occupied part of the image, as place: shape.", by_place)]
-    return rng.sample(pairs, 2)
+             ("List what is in each occupied part of the image, as place: shape.", by_place),
+             ("List the kind of every shape with its place, as kind: place.", by_kind)]
+    return rng.sample(pairs, 3)
 
 
 # ---------------------------------------------------------------- detailed description
