@@ -153,10 +153,8 @@ def conversation(objs, rng, short):
 # random order each time, so the list can only be written by reading each named object's token. This
 # is where the LM learns to find the token a name points at: one token after the name, close enough for
 # a fresh LM to find the lookup, which then carries over (in part) to the questions, where the name sits
-# 14 tokens before the answer (`python -m minillava.toy.probe --lookup-task 1000`, README). The third list
-# names each shape by its kind alone ("square: top."): elsewhere a shape word nearly always follows a colour
-# word, and without it some runs never learn to read a shape with nothing before it (the bench's short
-# answer "square"; README, the three data orders).
+# 14 tokens before the answer (`python -m minillava.toy.probe --lookup-task 1000`, README). The third
+# list, kinds alone ("square: top."), teaches reading a shape with no colour word before it (README).
 
 def places(objs, rng):
     by_name = ". ".join(f"{o.name}: {o.position}" for o in rng.sample(objs, len(objs))) + "."
