@@ -157,13 +157,11 @@ def conversation(objs, rng, short):
 # list, kinds alone ("square: top."), teaches reading a shape with no colour word before it (README).
 
 def places(objs, rng):
-    by_name = ". ".join(f"{o.name}: {o.position}" for o in rng.sample(objs, len(objs))) + "."
-    by_place = ". ".join(f"{o.position}: {o.name}" for o in rng.sample(objs, len(objs))) + "."
-    by_kind = ". ".join(f"{o.shape}: {o.position}" for o in rng.sample(objs, len(objs))) + "."
-    pairs = [("List every shape with its place in the image, as shape: place.", by_name),
-             ("List what is in each occupied part of the image, as place: shape.", by_place),
-             ("List the kind of every shape with its place, as kind: place.", by_kind)]
-    return rng.sample(pairs, 3)
+    listing = lambda item: ". ".join(item(o) for o in rng.sample(objs, len(objs))) + "."  # a new order each time
+    pairs = [("List every shape with its place in the image, as shape: place.", listing(lambda o: f"{o.name}: {o.position}")),
+             ("List what is in each occupied part of the image, as place: shape.", listing(lambda o: f"{o.position}: {o.name}")),
+             ("List the kind of every shape with its place, as kind: place.", listing(lambda o: f"{o.shape}: {o.position}"))]
+    return rng.sample(pairs, len(pairs))
 
 
 # ---------------------------------------------------------------- detailed description
