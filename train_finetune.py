@@ -84,7 +84,7 @@ def main(argv=None):
     W = {id(q) for q in model.multi_modal_projector.parameters()}
     opt = torch.optim.AdamW([{"params": [q for q in params if id(q) not in W], "peak_lr": args.lr},
                              {"params": [q for q in params if id(q) in W], "peak_lr": args.projector_lr or args.lr}],
-                            lr=args.lr, weight_decay=args.weight_decay)
+                            lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cpu")  # as stage 1
     state_file = os.path.join(args.out, "trainer_state.pt")
     start = T.load_state(state_file, ddp, opt) if args.resume and os.path.exists(state_file) else 0
     T.print0(f"stage 2: {len(dataset)} records, {total} steps of {args.batch_size} "

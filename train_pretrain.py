@@ -69,7 +69,8 @@ def main(argv=None):
     # 5. optimizer and schedule: AdamW on W alone, warmup then cosine
     ddp = T.wrap(model, device, world)
     params = [q for q in ddp.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # fused: on CPU torch's default AdamW updates tensor by tensor (CUDA's default is already batched)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cpu")
     state_file = os.path.join(args.out, "trainer_state.pt")
     start = T.load_state(state_file, ddp, opt) if args.resume and os.path.exists(state_file) else 0
     T.print0(f"stage 1: {len(dataset)} records, {total} steps of {args.batch_size} "
