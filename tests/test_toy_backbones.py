@@ -1,6 +1,7 @@
 """The toy backbones: real folder layouts that the real loaders read, a learning LM, skipped re-runs,
 same seed -> same weights."""
 import json
+import random
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from minillava.checkpoint import build_llava
 from minillava.constants import IMAGE_TOKEN_INDEX
 from minillava.conversation import prompt_ids
 from minillava.tokenizer import Tokenizer
-from minillava.toy import backbones, lm, probe
+from minillava.toy import backbones, lm, probe, teacher
 from minillava.toy.__main__ import main
 
 ARGS = ["--n-train", "64", "--n-test", "16", "--clip-steps", "6", "--lm-steps", "20", "--no-progress"]
@@ -152,3 +153,17 @@ def test_probe_command_reports_reading_and_probes(toy, tmp_path, capsys):
     assert set(report["probes_percent"]["H_v"]) == {"probe_color", "probe_shape", "variance_color",
                                                     "variance_shape", "variance_cell"}
     assert "count" in report["reading_in_words"]
+
+
+def test_places_list_scoring_counts_each_shape_named_with_its_own_place():
+    record = {"captions": ["A red circle above a blue square on a plain light gray background."],
+              "instances": [{"category": "red circle", "bbox": [0.05, 0.05, 0.25, 0.25]},
+                            {"category": "blue square", "bbox": [0.4, 0.7, 0.6, 0.9]}]}
+    objs, _ = teacher.read_record(record)
+    assert [o.position for o in objs] == ["top left", "bottom"]
+    assert probe.placed_right("red circle: top left. blue square: bottom.", objs) == [True, True]
+    assert probe.placed_right("blue square: top left. red circle: top left.", objs) == [True, False]
+    assert probe.placed_right("red circle: top left", objs) == [True, False]          # the square is missing
+    # The prompt is the teacher's own, so the model is asked what stage 2 trained it on.
+    questions = {q for q, _ in teacher.places(objs, random.Random(0))}
+    assert probe.PLACES_PROMPT in questions

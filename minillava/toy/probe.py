@@ -1,4 +1,4 @@
-"""python -m minillava.toy.probe: where does a toy LLaVA's knowledge stop? Two measurements.
+"""python -m minillava.toy.probe: where does a toy LLaVA's knowledge stop? Three measurements.
 
     python -m minillava.toy.probe --model runs/finetune [--llm data/toy/llm] [--data data/toy]
 
@@ -14,7 +14,12 @@
      that their colour, their shape and their cell explain. A probe fits any direction, however
      faint; an LM trained for a few minutes reads the loud ones first.
 
-If (2) is high and (1) is low, the image features carry the answer and the LM cannot use it yet.
+  3. Writing: the places lists the model writes for the held-out images ("List every shape with its
+     place ...", answered "red circle: top left. ..."), the share of shapes placed right, by the
+     number of shapes. The lookup in the framing stage 2 makes easiest; with one shape nothing
+     needs binding. --questions also caps the images here.
+
+If (2) is high and (1) and (3) are low, the image features carry the answer and the LM cannot use it yet.
 
   --copy-task N: instead, why the tiny LLaMA has 2 layers. Fresh models of the toy LM's shape with
      2 and with 4 layers, trained N steps (16 rows, the backbones' optimizer and schedule) on rows of
@@ -41,13 +46,14 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import build_llava
+from ..eval.common import add_model_args, generate_answers, load_model
 from ..llava import LLaVA
 from ..tokenizer import Tokenizer
 from ..llama import LlamaConfig
 from ..training import cli, cpu_dtype
 from .backbones import GRID, load_split, split_cells, train_loop
 from .lm import LM_CONFIG, greedy_answer, new_llama
-from .teacher import normalize_answer, scene_in_words
+from .teacher import normalize_answer, read_record, scene_in_words
 from .world import COLORS, SHAPES
 
 
@@ -63,6 +69,35 @@ def reading(llm, data, limit):
             answer = greedy_answer(lm, tok, f"{scene} {q['text']}", max_new_tokens=8)
             right[q["category"]].append(normalize_answer(answer) == normalize_answer(q["answer"]))
     return {c: round(100 * sum(v) / len(v), 1) for c, v in right.items()}
+
+
+# The places list the "writing" test asks for: teacher.places' first list, the name one token before its place.
+PLACES_PROMPT = "List every shape with its place in the image, as shape: place."
+
+
+def writing(model_dir, data, limit):
+    """{n shapes: percent of shapes placed right} in the lists the model writes for held-out images,
+    greedy: a shape counts when the list holds "<its name>: <its place>". The lookup in its easiest
+    framing, as stage 2 trained it; a lone shape needs no binding, two to four do."""
+    p = argparse.ArgumentParser()
+    add_model_args(p, model=model_dir)
+    args = p.parse_args([])
+    model, tok, conv_mode = load_model(args)
+    records = [json.loads(line) for line in (Path(data) / "caps_boxes_test.jsonl").open()][:limit]
+    right = defaultdict(list)
+    for i in range(0, len(records), 32):
+        batch = records[i:i + 32]
+        items = [{"prompt": f"<image>\n{PLACES_PROMPT}", "image": Path(data) / "images" / r["image"]} for r in batch]
+        for r, text in zip(batch, generate_answers(model, tok, conv_mode, items, max_new_tokens=64)):
+            objs = read_record(r)[0]
+            right[len(objs)] += placed_right(text, objs)
+    return {n: round(100 * sum(v) / len(v), 1) for n, v in sorted(right.items())}
+
+
+def placed_right(text, objs):
+    """For each of the scene's objects (teacher.read_record), whether the list holds "<name>: <place>"."""
+    written = {item.strip() for item in text.split(".")}
+    return [f"{o.name}: {o.position}" in written for o in objs]
 
 
 def linear_probe(features, targets, classes):
@@ -197,6 +232,7 @@ def main(argv=None):
         return
     llm = args.llm or str(Path(args.data) / "llm")
     result = {"reading_in_words": {"llm": llm, **reading(llm, args.data, args.questions)},
+              "places_lists_shapes_placed_right_by_shapes": writing(args.model, args.data, args.questions),
               "probes_percent": seeing(args.model, args.data, args.images)}
     print(json.dumps(result, indent=1))
 
