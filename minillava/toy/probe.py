@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import build_llava
-from ..eval.common import add_model_args, generate_answers, load_model
+from ..eval.common import generate_answers
 from ..llava import LLaVA
 from ..tokenizer import Tokenizer
 from ..llama import LlamaConfig
@@ -79,10 +79,8 @@ def writing(model_dir, data, limit):
     """{n shapes: percent of shapes placed right} in the lists the model writes for held-out images,
     greedy: a shape counts when the list holds "<its name>: <its place>". The lookup in its easiest
     framing, as stage 2 trained it; a lone shape needs no binding, two to four do."""
-    p = argparse.ArgumentParser()
-    add_model_args(p, model=model_dir)
-    args = p.parse_args([])
-    model, tok, conv_mode = load_model(args)
+    model, tok = LLaVA.from_pretrained(model_dir).eval(), Tokenizer(model_dir)
+    conv_mode = model.config.conv_mode
     records = [json.loads(line) for line in (Path(data) / "caps_boxes_test.jsonl").open()][:limit]
     right = defaultdict(list)
     for i in range(0, len(records), 32):
