@@ -164,6 +164,6 @@ def test_places_list_scoring_counts_each_shape_named_with_its_own_place():
     assert probe.placed_right("red circle: top left. blue square: bottom.", objs) == [True, True]
     assert probe.placed_right("blue square: top left. red circle: top left.", objs) == [True, False]
     assert probe.placed_right("red circle: top left", objs) == [True, False]          # the square is missing
-    # The prompt is the teacher's own, so the model is asked what stage 2 trained it on.
+    # The probe asks the teacher's own question, so the model is asked what stage 2 trained it on.
     questions = {q for q, _ in teacher.places(objs, random.Random(0))}
-    assert probe.PLACES_PROMPT in questions
+    assert probe.PLACES_BY_NAME is teacher.PLACES_BY_NAME and teacher.PLACES_BY_NAME in questions

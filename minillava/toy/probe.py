@@ -53,7 +53,7 @@ from ..llama import LlamaConfig
 from ..training import cli, cpu_dtype
 from .backbones import GRID, load_split, split_cells, train_loop
 from .lm import LM_CONFIG, greedy_answer, new_llama
-from .teacher import normalize_answer, read_record, scene_in_words
+from .teacher import PLACES_BY_NAME, normalize_answer, read_record, scene_in_words
 from .world import COLORS, SHAPES
 
 
@@ -71,10 +71,6 @@ def reading(llm, data, limit):
     return {c: round(100 * sum(v) / len(v), 1) for c, v in right.items()}
 
 
-# The places list the "writing" test asks for: teacher.places' first list, the name one token before its place.
-PLACES_PROMPT = "List every shape with its place in the image, as shape: place."
-
-
 def writing(model_dir, data, limit):
     """{n shapes: percent of shapes placed right} in the lists the model writes for held-out images,
     greedy: a shape counts when the list holds "<its name>: <its place>". The lookup in its easiest
@@ -85,7 +81,7 @@ def writing(model_dir, data, limit):
     right = defaultdict(list)
     for i in range(0, len(records), 32):
         batch = records[i:i + 32]
-        items = [{"prompt": f"<image>\n{PLACES_PROMPT}", "image": Path(data) / "images" / r["image"]} for r in batch]
+        items = [{"prompt": f"<image>\n{PLACES_BY_NAME}", "image": Path(data) / "images" / r["image"]} for r in batch]
         for r, text in zip(batch, generate_answers(model, tok, conv_mode, items, max_new_tokens=64)):
             objs = read_record(r)[0]
             right[len(objs)] += placed_right(text, objs)

@@ -153,13 +153,13 @@ def conversation(objs, rng, short):
 # random order each time, so the list can only be written by reading each named object's token. This
 # is where the LM learns to find the token a name points at: one token after the name, close enough for
 # a fresh LM to find the lookup, which then carries over (in part) to the questions, where the name sits
-# 14 tokens before the answer (`python -m minillava.toy.probe --lookup-task 1000`, README). The third and
-# fourth lists, kinds alone ("square: top.", "top: square."), teach reading a shape with no colour word
-# before it, the fourth by its place, as the bench's shape question asks (README).
+# 14 tokens before the answer (`python -m minillava.toy.probe --lookup-task 1000`, README). Lists 3 and 4,
+# kinds alone ("square: top.", "top: square."), read a shape with no colour word before it (README).
+PLACES_BY_NAME = "List every shape with its place in the image, as shape: place."  # also the probe's question
 
 def places(objs, rng):
     listing = lambda item: ". ".join(item(o) for o in rng.sample(objs, len(objs))) + "."  # a new order each time
-    pairs = [("List every shape with its place in the image, as shape: place.", listing(lambda o: f"{o.name}: {o.position}")),
+    pairs = [(PLACES_BY_NAME, listing(lambda o: f"{o.name}: {o.position}")),
              ("List what is in each occupied part of the image, as place: shape.", listing(lambda o: f"{o.position}: {o.name}")),
              ("List the kind of every shape with its place, as kind: place.", listing(lambda o: f"{o.shape}: {o.position}")),
              ("List the kind of shape in each occupied part of the image, as place: kind.", listing(lambda o: f"{o.position}: {o.shape}"))]
