@@ -150,12 +150,10 @@ def test_places_records_pair_every_shape_with_its_cell_in_shuffled_order(built):
     for r in records:
         where = {i["category"]: world.grid_position(i["bbox"]) for i in caps[r["image"]]["instances"]}
         for question, answer in zip(*[iter(t["value"] for t in r["conversations"])] * 2):
-            items = [item.split() for item in answer.rstrip(".").split(". ")]
-            naming = set(world.COLORS) | set(world.SHAPES)                  # the rest of an item is its place
-            pairs = [(" ".join(w for w in ws if w in naming), " ".join(w for w in ws if w not in naming)) for ws in items]
-            place_first = [ws[0] not in naming for ws in items]
-            assert set(place_first) == {"as place then" in question}       # the order the question asks for
-            if "kind" in question:                                        # the kind alone, "square top"
+            pairs = [item.split(": ") for item in answer.rstrip(".").split(". ")]
+            if "as place: shape" in question or "as place: kind" in question:
+                pairs = [(name, place) for place, name in pairs]
+            if "kind" in question:                                        # the kind alone, "square: top"
                 assert sorted(map(tuple, pairs)) == sorted((name.split()[1], place) for name, place in where.items())
                 continue
             assert dict(pairs) == where and len(pairs) == len(where)      # every shape once, at its cell

@@ -89,9 +89,9 @@ def writing(model_dir, data, limit):
 
 
 def placed_right(text, objs):
-    """For each of the scene's objects (teacher.read_record), whether the list holds "<name> <place>"."""
+    """For each of the scene's objects (teacher.read_record), whether the list holds "<name>: <place>"."""
     written = {item.strip() for item in text.split(".")}
-    return [f"{o.name} {o.position}" in written for o in objs]
+    return [f"{o.name}: {o.position}" in written for o in objs]
 
 
 def linear_probe(features, targets, classes):

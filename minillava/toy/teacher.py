@@ -155,14 +155,14 @@ def conversation(objs, rng, short):
 # a fresh LM to find the lookup, which then carries over (in part) to the questions, where the name sits
 # 14 tokens before the answer (`python -m minillava.toy.probe --lookup-task 1000`, README). Lists 3 and 4,
 # kinds alone ("square: top.", "top: square."), read a shape with no colour word before it (README).
-PLACES_BY_NAME = "List every shape with its place in the image, as shape then place."  # also the probe's question
+PLACES_BY_NAME = "List every shape with its place in the image, as shape: place."  # also the probe's question
 
 def places(objs, rng):
     listing = lambda item: ". ".join(item(o) for o in rng.sample(objs, len(objs))) + "."  # a new order each time
-    pairs = [(PLACES_BY_NAME, listing(lambda o: f"{o.name} {o.position}")),
-             ("List what is in each occupied part of the image, as place then shape.", listing(lambda o: f"{o.position} {o.name}")),
-             ("List the kind of every shape with its place, as kind then place.", listing(lambda o: f"{o.shape} {o.position}")),
-             ("List the kind of shape in each occupied part of the image, as place then kind.", listing(lambda o: f"{o.position} {o.shape}"))]
+    pairs = [(PLACES_BY_NAME, listing(lambda o: f"{o.name}: {o.position}")),
+             ("List what is in each occupied part of the image, as place: shape.", listing(lambda o: f"{o.position}: {o.name}")),
+             ("List the kind of every shape with its place, as kind: place.", listing(lambda o: f"{o.shape}: {o.position}")),
+             ("List the kind of shape in each occupied part of the image, as place: kind.", listing(lambda o: f"{o.position}: {o.shape}"))]
     return rng.sample(pairs, len(pairs))
 
 
