@@ -75,7 +75,8 @@ def main(argv=None):
             result = (f"held-out retrieval top-1 {100 * figures['retrieval_top1']:.1f}% "
                       f"(chance {100 * figures['retrieval_chance']:.1f}%)")
         else:
-            result = f"held-out answer loss {figures['heldout_answer_loss']:.3f}; tokenizer {figures['tokenizer_seconds']} s"
+            result = (f"held-out answer loss {figures['heldout_answer_loss']:.3f}, short answers "
+                      f"{100 * figures['heldout_short_answer_accuracy']:.0f}% right; tokenizer {figures['tokenizer_seconds']} s")
         lines.append(f"{name:<5}  {figures['seconds']:6.1f} s  {speed}; {result}")
         if name == "llm":
             for sample in figures["samples"][:3]:    # a held-out scene told in words, greedy answers

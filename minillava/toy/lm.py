@@ -1,9 +1,8 @@
 """The toy world's tiny chat LLaMA and its tokenizer, the stand-in for Vicuna (see backbones.py for CLIP).
 
 A SentencePiece BPE tokenizer with LLaMA's settings, then a LLaMA trained on lm_corpus.json (the scenes
-told in words, with descriptions, reasoning and captions: teacher.text_only_records), rendered in the
-vicuna_v1 template. It never sees an image. Saved as a LLaMA folder with tokenizer.model
-(saving.save_llama), so the toy run loads it as real weights are loaded.
+told in words, as chats) rendered in the vicuna_v1 template. It never sees an image. Saved as a LLaMA
+folder with tokenizer.model (saving.save_llama), so the toy run loads it as real weights are loaded.
 
 Shapes: B batch, T tokens, V vocabulary.
 """
@@ -27,6 +26,7 @@ from ..llama import KVCache, LlamaConfig, LlamaForCausalLM
 from ..tokenizer import Tokenizer
 from ..training import cpu_dtype, mixed_precision
 from .backbones import loss_curve, train_loop
+from .teacher import SHORT_ANSWER, normalize_answer
 
 # LLaMA in miniature: GQA as in TinyLlama (4 query heads share 2 key/value heads), SwiGLU width
 # ~8/3 D as in LLaMA. Two layers, as copying from the context (what LLaVA asks of its LM) comes far sooner:
@@ -167,7 +167,8 @@ def train_lm(world, out_dir, steps=360, batch_size=16, lr=2e-3, seed=0, dtype=No
 
     losses, ms = train_loop(list(lm.parameters()), loss_fn, steps, lr, (0.9, 0.95), dtype, "tiny LLaMA", progress)
 
-    # Held out: the loss per answer token; sample answers, one chat of each kind.
+    # Held out: the loss per answer token; greedy short answers scored as the bench scores them
+    # (the first question of each short-answer chat); sample answers, one chat of each kind.
     lm.eval()
     with torch.no_grad(), mixed_precision("cpu", dtype):
         total = count = 0
@@ -175,6 +176,8 @@ def train_lm(world, out_dir, steps=360, batch_size=16, lr=2e-3, seed=0, dtype=No
             ids, labels = pad_batch(test_rows[i:i + 64], tok.pad_id)
             n = (labels[:, 1:] != IGNORE_INDEX).sum().item()
             total, count = total + lm_loss(lm, ids, labels).item() * n, count + n
+    short = [turns for _, turns in test_chats if turns[0].endswith(SHORT_ANSWER)]
+    correct = sum(normalize_answer(greedy_answer(lm, tok, q, 8)) == normalize_answer(a) for q, a, *_ in short)
     samples = sorted(({"question": turns[0], "reference": turns[1], "answer": greedy_answer(lm, tok, turns[0])}
                       for scene, turns in test_chats if scene == min(held)), key=lambda s: len(s["reference"]))
     save_llama(lm, out_dir, tok.file)
@@ -186,4 +189,5 @@ def train_lm(world, out_dir, steps=360, batch_size=16, lr=2e-3, seed=0, dtype=No
             "longest_chat_tokens": max(len(ids) for ids, _ in train_rows + test_rows),
             "step_ms": ms, "seconds": round(time.perf_counter() - t_start, 1),
             "heldout_answer_loss": round(total / max(count, 1), 4), "heldout_records": len(test_rows),
+            "heldout_short_answer_accuracy": round(correct / max(len(short), 1), 4), "heldout_short_questions": len(short),
             "samples": samples, "loss_per_10_steps": loss_curve(losses)}

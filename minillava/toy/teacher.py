@@ -321,17 +321,21 @@ def pretrain_records(records, seed):
     return [make_record("brief", r, r["id"], record_rng(seed, r["id"])) for r in records]
 
 
-def text_only_records(records, seed):
-    """Records with the scene told in words instead of shown (no `image`, no <image>): what the toy LM learns from.
+def text_only_records(records, seed, per_scene=5):
+    """Records with the scene described in words instead of an image (no `image`, no <image>).
 
-    One detailed description, one complex-reasoning question and one caption per scene, so that the LM learns
-    the world's language and the chat format. Not the conversations' lookup questions ("What color is the shape
-    at the top?"): a 2-layer LM does not learn to read those from words in its budget (the probe: chance), and
-    trained on them it answers from priors, a habit that cost stage 2 a quarter of its colour and shape
-    answers (README, "An LM that does not guess").
+    Each scene gets `per_scene` records, cycling through short-answer and full-sentence
+    conversations, a detailed description, a complex-reasoning question and a caption, so
+    that a language model trained on them alone learns the world's language and chat format.
     """
-    return [make_record(kind, r, f"{r['id']}-lm-{j}", record_rng(seed, f"{r['id']}-lm-{j}"), text_only=True)
-            for r in records for j, kind in enumerate(["detail", "complex", "brief"])]
+    kinds = ["short", "full", "detail", "complex", "brief"]
+    out = []
+    for r in records:
+        order = random.Random(f"{seed}/lm/{r['id']}").sample(kinds, len(kinds))
+        for j in range(per_scene):
+            rid = f"{r['id']}-lm-{j}"
+            out.append(make_record(order[j % len(kinds)], r, rid, record_rng(seed, rid), text_only=True))
+    return out
 
 
 def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRACTION, places_fraction=PLACES_FRACTION):
