@@ -75,7 +75,7 @@ def parser(stage, description):
     a("--workers", type=int, help="DataLoader worker processes per process [2 with a GPU; 0 on a CPU, "
       "where workers take cores from the training itself]")
     a("--group-by-length", action=argparse.BooleanOptionalAction,
-      help="batch records of similar length together, to pad less [recipe: on in LLaVA-1.5's stage 2]")
+      help="batch records of similar length together, to pad less [recipe: on in LLaVA-1.5's and the toy's stage 2]")
     a("--log-every", type=int, default=1, help="progress-bar refresh interval in steps")
     return p
 
