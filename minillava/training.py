@@ -28,7 +28,7 @@ from .data import collate
 # need smaller batches to give the optimizer enough steps (toy stage 2, one epoch: batch 32 gave colour
 # 33.5%, batch 8 58%), and more passes (3 epochs; see README). AdamW, weight decay 0, warmup 0.03, cosine.
 # Stage 2 batches records of similar length together, as LLaVA-1.5's does (toy: about a fifth less time per
-# step, the same bench over three data orders; README).
+# step, and a bench as good or better over three data orders; README).
 RECIPES = {
     "pretrain": {
         "llava": dict(lr=2e-3, batch_size=128, micro_batch_size=16, epochs=1, max_length=2048),
