@@ -135,9 +135,29 @@ def test_lookup_rows_name_an_object_whose_cell_is_the_target():
     assert ids[:, 1:6].max() < ids[:, 17:].min() < probe.CELL_TOKENS             # fillers differ on each side
 
 
+def test_list_rows_pair_every_object_with_its_cell():
+    for colon in (False, True):
+        ids, labels = probe.list_rows(32, 4, 6, torch.Generator().manual_seed(1), colon)
+        start = 1 + 4 + 9 + 6                                                    # the list starts here
+        for row, lab in zip(ids.tolist(), labels.tolist()):
+            cells = {c for c, tok in enumerate(row[5:14]) if (tok - probe.CELL_TOKENS) % 21 != probe.N_OBJECTS}
+            listed = [t - probe.ANSWERS for t in lab if t != -100]
+            assert sorted(listed) == sorted(cells) and 2 <= len(listed) <= 4         # every object once
+            for i, t in enumerate(lab):
+                if t != -100:                                                     # name (":") cell "."
+                    assert row[i] == t and row[i + 1] == probe.DOT
+                    obj = (row[5 + t - probe.ANSWERS] - probe.CELL_TOKENS) % 21
+                    name = row[i - 2 - colon:i - colon]
+                    assert name == [probe.COLOR_WORDS + obj // 4, probe.SHAPE_WORDS + obj % 4]
+                    assert (row[i - 1] == probe.COLON) == colon
+            assert next(i for i, t in enumerate(lab) if t != -100) == start + 2 + colon  # right after the question
+
+
 def test_lookup_task_reports_accuracy_per_object_count():
-    acc = probe.lookup_task([(0, 0, 3), (2, 2, 3)], batch_size=4, test_rows=60)
+    acc = probe.lookup_task([(0, 0, 3), (2, 3, 3, "list:"), (2, 2, 3)], batch_size=4, test_rows=60)
+    alone = acc.pop("shape_word_alone")                        # 1 / the objects of the named kind
     assert set(acc) == {"2_objects", "3_objects", "4_objects"} and all(0 <= v <= 100 for v in acc.values())
+    assert all(100 / n <= a <= 100 for n, a in zip((2, 3, 4), alone)) and alone[0] > alone[2]
     runs = probe.lookup_framings(1000)
     assert all(phases[-1][:2] == (33, 14) for name, phases in runs.items() if "gap" in name or "same" in name)
     widen = runs["the gap widened step by step"]

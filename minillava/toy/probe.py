@@ -33,8 +33,11 @@ If (2) is high and (1) and (3) are low, the image features carry the answer and 
      vicuna_v1 prompt puts "? Answer the question using a single word or phrase. ASSISTANT:"; also its 33
      before the image (BOS, the system prompt, "USER:"), as the bench asks; that framing for N/2 steps after
      N bare; and the gap widened step by step (0.6 N steps bare, then 0.15 N each at 1, 2, 4 and 8 tokens
-     after the name with 0, 4, 12, 24 before, then 0.3 N in the bench's framing). Printed: the accuracy in the
-     last framing trained, on fresh rows with 2, 3 and 4 objects (chance 1/2, 1/3, 1/4).
+     after the name with 0, 4, 12, 24 before, then 0.3 N in the bench's framing); and the bench's framing for
+     N/2 steps after N steps of places lists (33 before the image, 15 question tokens after it, then every
+     object in a random order as its colour, its shape, its cell, "."), without and with a ":" after the name.
+     Printed: the accuracy in the last framing trained, on fresh rows with 2, 3 and 4 objects (chance 1/2,
+     1/3, 1/4), and what reading the shape word alone gives (a guess among the objects of the named kind).
 """
 import argparse
 import json
@@ -158,43 +161,84 @@ CELL_TOKENS = 1 + BEFORE + AFTER
 COLOR_WORDS = CELL_TOKENS + GRID * GRID * (N_OBJECTS + 1)
 SHAPE_WORDS = COLOR_WORDS + len(COLORS)
 ANSWERS = SHAPE_WORDS + len(SHAPES)
+DOT, COLON = BEFORE - 1, BEFORE          # the places lists' punctuation: two filler ids no framing reaches
+
+
+def lookup_scene(g):
+    """2-4 distinct objects in distinct cells: (cells, objects, the 9 cell tokens)."""
+    n = int(torch.randint(2, 5, (1,), generator=g))
+    cells = torch.randperm(GRID * GRID, generator=g)[:n].tolist()
+    objects = torch.randperm(N_OBJECTS, generator=g)[:n].tolist()            # no two objects alike
+    image = [CELL_TOKENS + c * (N_OBJECTS + 1) + N_OBJECTS for c in range(GRID * GRID)]
+    for c, o in zip(cells, objects):
+        image[c] = CELL_TOKENS + c * (N_OBJECTS + 1) + o
+    return cells, objects, image
+
+
+def name_of(o):
+    return [COLOR_WORDS + o // len(SHAPES), SHAPE_WORDS + o % len(SHAPES)]
 
 
 def lookup_rows(batch_size, before, after, g):
     """(B, T) ids, (B,) target cells and (B,) object counts for the lookup task:
     [BOS, `before` fillers, 9 cell tokens, colour word, shape word, `after` fillers] -> the named object's cell."""
-    assert before <= BEFORE and after <= AFTER
+    assert before < DOT and after <= AFTER
     rows, targets, counts = [], [], []
     for _ in range(batch_size):
-        n = int(torch.randint(2, 5, (1,), generator=g))
-        cells = torch.randperm(GRID * GRID, generator=g)[:n].tolist()
-        objects = torch.randperm(N_OBJECTS, generator=g)[:n].tolist()        # no two objects alike
-        image = [CELL_TOKENS + c * (N_OBJECTS + 1) + N_OBJECTS for c in range(GRID * GRID)]
-        for c, o in zip(cells, objects):
-            image[c] = CELL_TOKENS + c * (N_OBJECTS + 1) + o
-        k = int(torch.randint(0, n, (1,), generator=g))                      # the object the question names
-        name = [COLOR_WORDS + objects[k] // len(SHAPES), SHAPE_WORDS + objects[k] % len(SHAPES)]
-        rows.append([0] + list(range(1, 1 + before)) + image + name + list(range(1 + BEFORE, 1 + BEFORE + after)))
+        cells, objects, image = lookup_scene(g)
+        k = int(torch.randint(0, len(cells), (1,), generator=g))             # the object the question names
+        fillers_after = list(range(1 + BEFORE, 1 + BEFORE + after))
+        rows.append([0] + list(range(1, 1 + before)) + image + name_of(objects[k]) + fillers_after)
         targets.append(ANSWERS + cells[k])
-        counts.append(n)
+        counts.append(len(cells))
     return torch.tensor(rows), torch.tensor(targets), torch.tensor(counts)
+
+
+def list_rows(batch_size, before, after, g, colon):
+    """(B, T) ids and labels for a places list: [BOS, `before` fillers, 9 cell tokens, `after` fillers (the
+    question), then every object in a random order as colour, shape, (":"), its cell, "."]; labels are the
+    cells (-100 elsewhere). Rows end with "." up to the longest."""
+    assert before < DOT and after <= AFTER
+    rows, labels = [], []
+    for _ in range(batch_size):
+        cells, objects, image = lookup_scene(g)
+        row = [0] + list(range(1, 1 + before)) + image + list(range(1 + BEFORE, 1 + BEFORE + after))
+        label = [-100] * len(row)
+        for k in torch.randperm(len(cells), generator=g).tolist():
+            row += name_of(objects[k]) + [COLON] * colon + [ANSWERS + cells[k], DOT]
+            label += [-100] * (2 + colon) + [ANSWERS + cells[k], -100]
+        rows.append(row)
+        labels.append(label)
+    T = max(map(len, rows))
+    return (torch.tensor([r + [DOT] * (T - len(r)) for r in rows]),
+            torch.tensor([lab + [-100] * (T - len(lab)) for lab in labels]))
 
 
 def lookup_task(phases, batch_size=32, seed=0, test_rows=600):
     """Accuracy (%) with 2, 3, 4 objects of a fresh LM of the toy shape trained on lookup_rows in each of
-    `phases`, [(before, after, steps)] in turn, scored in the framing of the last phase."""
+    `phases`, [(before, after, steps)] in turn, scored in the framing of the last phase. A phase
+    (before, after, steps, "list") or (..., "list:") trains on places lists instead (list_rows; ":" after each name)."""
     torch.manual_seed(seed)
     lm = new_llama(LlamaConfig(vocab_size=ANSWERS + GRID * GRID, **LM_CONFIG))
     g = torch.Generator().manual_seed(seed)
-    for before, after, steps in phases:
+    for before, after, steps, *form in phases:
         def loss_fn():
+            if form:
+                ids, labels = list_rows(batch_size, before, after, g, colon=form[0] == "list:")
+                logits = lm(ids)[:, :-1].flatten(0, 1).float()                 # position t predicts t + 1
+                return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
             ids, targets, _ = lookup_rows(batch_size, before, after, g)
             return F.cross_entropy(lm(ids)[:, -1].float(), targets)            # the answer after the last token
         train_loop(list(lm.parameters()), loss_fn, steps, 5e-4, (0.9, 0.95), cpu_dtype(), f"lookup {before}/{after}", False)
     ids, targets, n_objects = lookup_rows(test_rows, before, after, torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         right = lm.eval()(ids)[:, -1].argmax(-1) == targets
-    return {f"{n}_objects": round(100 * right[n_objects == n].float().mean().item(), 1) for n in (2, 3, 4)}
+    # What reading the shape word alone gives: a guess among the objects of the named kind.
+    objects = (ids[:, 1 + before:10 + before] - CELL_TOKENS) % (N_OBJECTS + 1)             # (B, 9)
+    same_kind = (objects != N_OBJECTS) & (objects % len(SHAPES) == (ids[:, 11 + before] - SHAPE_WORDS)[:, None])
+    by_kind = 1 / same_kind.sum(1).float()
+    return {**{f"{n}_objects": round(100 * right[n_objects == n].float().mean().item(), 1) for n in (2, 3, 4)},
+            "shape_word_alone": [round(100 * by_kind[n_objects == n].mean().item(), 1) for n in (2, 3, 4)]}
 
 
 def lookup_framings(n):
@@ -203,7 +247,9 @@ def lookup_framings(n):
     widen = [(0, 0, 6 * n // 10)] + [(b, a, 15 * n // 100) for b, a in ((0, 1), (4, 2), (12, 4), (24, 8))]
     return {"bare": [(0, 0, n)], "1 token after the name": [(0, 1, n)], "14 tokens after the name": [(0, 14, n)],
             "and 33 before the image": [(*chat, n)], f"the same, {n // 2} steps after {n} bare": [(0, 0, n), (*chat, n // 2)],
-            "the gap widened step by step": widen + [(*chat, 3 * n // 10)]}
+            "the gap widened step by step": widen + [(*chat, 3 * n // 10)],
+            f"the same, {n // 2} steps after {n} of places lists": [(33, 15, n, "list"), (*chat, n // 2)],
+            f"the same, {n // 2} steps after {n} of places lists with a colon": [(33, 15, n, "list:"), (*chat, n // 2)]}
 
 
 def main(argv=None):
