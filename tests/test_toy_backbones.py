@@ -173,6 +173,8 @@ def test_probe_command_reports_reading_and_probes(toy, tmp_path, capsys):
     assert set(report["probes_percent"]["H_v"]) == {"probe_color", "probe_shape", "variance_color",
                                                     "variance_shape", "variance_cell"}
     assert "count" in report["reading_in_words"]
+    placing = report["places_lists_given_the_names_by_shapes"]               # every test image has 1-4 shapes
+    assert placing and set(placing) <= {"1", "2", "3", "4"} and all(0 <= v <= 100 for v in placing.values())
 
 
 def test_places_list_scoring_counts_each_shape_named_with_its_own_place():
