@@ -34,6 +34,9 @@ def main(argv=None):
                    help="W's architecture; must match the stage-1 file")
     p.add_argument("--projector-lr", type=float,
                    help="a separate learning rate for W (the original's mm_projector_lr) [default: --lr]")
+    p.add_argument("--model", help="start from a whole LLaVA instead of --llm + --projector: a stage-2 output, a "
+                   "llava-hf or an original LLaVA folder (W and the LLM go on from it, as when fine-tuning "
+                   "llava-v1.5 on new data; --vision only for an original checkpoint whose CLIP is not inside)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and Adam state over the GPUs (7B and up) instead of DDP")
     args = T.resolve(p.parse_args(argv), "finetune", "instruct.json")
@@ -47,12 +50,16 @@ def main(argv=None):
 
     # 3. the model, and what is frozen: CLIP only. W and the LLM train in fp32 (master weights,
     # bf16 autocast computes); frozen CLIP can sit in bf16.
-    if args.projector != "none" and not os.path.exists(args.projector):
-        raise SystemExit(f"error: {args.projector} not found: run train_pretrain.py first, "
-                         "or pass --projector none to skip stage 1 (the paper's ablation)")
-    projector = None if args.projector == "none" else args.projector
-    model = LLaVA.from_parts(args.vision, args.llm, args.projector_type, projector=projector,
-                             device=device, conv_mode=args.conv_mode)
+    if args.model:
+        model = LLaVA.from_pretrained(args.model, vision_tower=args.vision, device=device)
+        model.config.conv_mode = args.conv_mode
+    else:
+        if args.projector != "none" and not os.path.exists(args.projector):
+            raise SystemExit(f"error: {args.projector} not found: run train_pretrain.py first, "
+                             "or pass --projector none to skip stage 1 (the paper's ablation)")
+        projector = None if args.projector == "none" else args.projector
+        model = LLaVA.from_parts(args.vision, args.llm, args.projector_type, projector=projector,
+                                 device=device, conv_mode=args.conv_mode)
     model.requires_grad_(True)
     model.vision_tower.requires_grad_(False)
     if args.dtype == "bf16":
@@ -61,7 +68,7 @@ def main(argv=None):
     model.train()
 
     # 4. data: image and text-only records in the same batches, checked before the first step
-    tok = Tokenizer(args.llm)
+    tok = Tokenizer(args.model or args.llm)
     records = load_records(args.data)
     check_images(records, args.image_folder, os.path.basename(args.data))
     cfg = model.config

@@ -27,8 +27,7 @@ from .data import collate
 # CPU: a tiny LM trained from scratch needs a far larger learning rate than a 7B Vicuna, and 4000 images
 # need smaller batches to give the optimizer enough steps (toy stage 2, one epoch: batch 32 gave colour
 # 33.5%, batch 8 58%), and more passes (3 epochs; see README). AdamW, weight decay 0, warmup 0.03, cosine.
-# Stage 2 batches records of similar length together, as LLaVA-1.5's does (toy: about a fifth less time per
-# step, and a bench as good or better over three data orders; README).
+# Stage 2 batches records of similar length, as LLaVA-1.5's does (toy: a fifth less time a step; README).
 RECIPES = {
     "pretrain": {
         "llava": dict(lr=2e-3, batch_size=128, micro_batch_size=16, epochs=1, max_length=2048),
@@ -90,7 +89,8 @@ def resolve(args, stage, toy_data):
     if toy:
         args.data, args.image_folder = args.data or f"{TOY}/{toy_data}", args.image_folder or f"{TOY}/images"
         args.vision, args.llm = args.vision or f"{TOY}/clip", args.llm or f"{TOY}/llm"
-    missing = [f"--{k.replace('_', '-')}" for k in ("vision", "llm", "image_folder") if getattr(args, k) is None]
+    needed = ("image_folder",) if getattr(args, "model", None) else ("vision", "llm", "image_folder")  # --model: all inside
+    missing = [f"--{k.replace('_', '-')}" for k in needed if getattr(args, k) is None]
     if missing:
         raise SystemExit(f"error: with --data, also give {' '.join(missing)}")
     if args.workers is None:

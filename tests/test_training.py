@@ -76,6 +76,21 @@ def test_stage1_trains_only_W_and_stage2_never_touches_clip(world, tmp_path):
     assert changed("language_model.", {k[len("language_model."):]: v for k, v in fresh.state_dict().items()})
 
 
+def test_stage2_can_start_from_a_whole_llava(world, tmp_path):
+    # --model: W and the LLM go on from an earlier stage 2 (as when fine-tuning llava-v1.5 on new data);
+    # --llm and --projector are not needed. At lr 1e-12 one step leaves the weights where they started.
+    common = {"max-steps": 1, "batch-size": 4, "micro-batch-size": 4}
+    first = train_finetune.main(flags(world, tmp_path / "a", "instruct.json", projector="none", **common))
+    args = flags(world, tmp_path / "b", "instruct.json", lr=1e-12, model=tmp_path / "a", **common)
+    args = [a for i, a in enumerate(args) if a not in ("--vision", "--llm") and args[i - 1] not in ("--vision", "--llm")]
+    second = train_finetune.main(args)
+    fresh = build_llava(world / "clip", world / "llm").state_dict()
+    before, after = first.state_dict(), second.state_dict()
+    for name in ("language_model.model.layers.0.self_attn.q_proj.weight", "multi_modal_projector.linear_1.weight"):
+        assert not torch.equal(before[name], fresh[name]) and torch.allclose(after[name], before[name], atol=1e-6), name
+    assert LLaVA.from_pretrained(tmp_path / "b").config.conv_mode == "vicuna_v1"
+
+
 def run(args, script="train_finetune.py", nproc=1, **popen):
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                               if nproc > 1 else []) + [str(ROOT / script)] + args
