@@ -41,7 +41,9 @@ def main(argv=None):
                    help="shard weights, gradients and Adam state over the GPUs (7B and up) instead of DDP")
     args = T.resolve(p.parse_args(argv), "finetune", "instruct.json")
     args.conv_mode, args.out = args.conv_mode or "vicuna_v1", args.out or "runs/finetune"
-    args.projector = args.projector or "runs/pretrain"
+    if args.model and args.projector:
+        raise SystemExit("error: --model brings its own W; drop --projector (or drop --model to start from stage 1)")
+    args.projector = None if args.model else args.projector or "runs/pretrain"   # train_args.json says which
 
     # 2. distributed setup
     world, device = T.setup_distributed()

@@ -89,6 +89,9 @@ def test_stage2_can_start_from_a_whole_llava(world, tmp_path):
     for name in ("language_model.model.layers.0.self_attn.q_proj.weight", "multi_modal_projector.linear_1.weight"):
         assert not torch.equal(before[name], fresh[name]) and torch.allclose(after[name], before[name], atol=1e-6), name
     assert LLaVA.from_pretrained(tmp_path / "b").config.conv_mode == "vicuna_v1"
+    assert json.loads((tmp_path / "b" / "train_args.json").read_text())["projector"] is None
+    with pytest.raises(SystemExit, match="--model brings its own W"):
+        train_finetune.main(args + ["--projector", str(tmp_path / "a")])
 
 
 def run(args, script="train_finetune.py", nproc=1, **popen):
