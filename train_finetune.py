@@ -5,7 +5,8 @@ multi-turn instruction data: LLaVA-Instruct-158K (conversation, detailed descrip
 reasoning) or LLaVA-1.5's mix665k, whose text-only records (no `image`) share batches with
 image records. The loss covers each answer X_a and its </s>, nothing else (vicuna_v1 template).
 
-  python train_finetune.py                       # the toy world, from runs/pretrain
+  python train_finetune.py --data data/toy/places.json --out runs/places   # the toy recipe in two parts: the places
+  python train_finetune.py --model runs/places     # lists from stage 1 (runs/pretrain), then the instructions
   torchrun --nproc_per_node 8 train_finetune.py --fsdp --vision checkpoints/openai--clip-vit-large-patch14-336 \\
       --llm checkpoints/lmsys--vicuna-7b-v1.5 --projector runs/pretrain-7b \\
       --data llava_v1_5_mix665k.json --image-folder images --out runs/finetune-7b --grad-checkpointing
@@ -91,8 +92,9 @@ def main(argv=None):
     ddp = T.wrap(model, device, world, fsdp=args.fsdp, find_unused=text_only, dtype=args.dtype)
     params = [q for q in ddp.parameters() if q.requires_grad]
     W = {id(q) for q in model.multi_modal_projector.parameters()}
+    lr_W = args.lr if args.projector_lr is None else args.projector_lr      # 0 keeps W as it starts
     opt = torch.optim.AdamW([{"params": [q for q in params if id(q) not in W], "peak_lr": args.lr},
-                             {"params": [q for q in params if id(q) in W], "peak_lr": args.projector_lr or args.lr}],
+                             {"params": [q for q in params if id(q) in W], "peak_lr": lr_W}],
                             lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cpu")  # as stage 1
     state_file = os.path.join(args.out, "trainer_state.pt")
     start = T.load_state(state_file, ddp, opt) if args.resume and os.path.exists(state_file) else 0

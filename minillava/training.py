@@ -26,8 +26,8 @@ from .data import collate
 # "llava-1.5" and "llava" are the published recipes; "toy" scales them to the toy world on a laptop
 # CPU: a tiny LM trained from scratch needs a far larger learning rate than a 7B Vicuna, and 4000 images
 # need smaller batches to give the optimizer enough steps (toy stage 2, one epoch: batch 32 gave colour
-# 33.5%, batch 8 58%), and more passes (3 epochs; see README). AdamW, weight decay 0, warmup 0.03, cosine.
-# Stage 2 batches records of similar length, as LLaVA-1.5's does (toy: a fifth less time a step; README).
+# 33.5%, batch 8 58%), and more passes (2 epochs of each part; see README). AdamW, weight decay 0, warmup
+# 0.03, cosine. Stage 2 batches records of similar length, as LLaVA-1.5's does (toy: a fifth less time a step).
 RECIPES = {
     "pretrain": {
         "llava": dict(lr=2e-3, batch_size=128, micro_batch_size=16, epochs=1, max_length=2048),
@@ -38,7 +38,7 @@ RECIPES = {
         "llava": dict(lr=2e-5, batch_size=32, micro_batch_size=4, epochs=3, max_length=2048),
         "llava-1.5": dict(lr=2e-5, batch_size=128, micro_batch_size=16, epochs=1, max_length=2048,
                           group_by_length=True),  # its group_by_modality_length
-        "toy": dict(lr=5e-4, batch_size=8, micro_batch_size=8, epochs=3, max_length=512, group_by_length=True),
+        "toy": dict(lr=5e-4, batch_size=8, micro_batch_size=8, epochs=2, max_length=512, group_by_length=True),
     },
 }
 TOY = "data/toy"          # where `python -m minillava.toy` builds the toy world
@@ -49,12 +49,12 @@ def parser(stage, description):
     a = p.add_argument
     a("--vision", help=f"CLIP folder (OpenAI layout) [toy: {TOY}/clip]")
     a("--llm", help=f"LLaMA/Vicuna folder with tokenizer.model [toy: {TOY}/llm]")
-    a("--data", help="LLaVA JSON records [toy: the toy world's file]")
+    a("--data", help=f"LLaVA JSON records [toy: the toy world's file; a file in {TOY} also gets the toy recipe]")
     a("--image-folder", help=f"folder the records' `image` paths are relative to [toy: {TOY}/images]")
     a("--out", help="output folder (model, log.jsonl, loss.png, train_args.json, resume state)")
     a("--conv-mode", help="prompt template [pretrain: plain, finetune: vicuna_v1, as LLaVA-1.5]")
-    a("--recipe", choices=sorted(RECIPES[stage]), help="default hyperparameters: 'toy' when --data is not "
-      "given, else 'llava-1.5' (the flags below override single values)")
+    a("--recipe", choices=sorted(RECIPES[stage]), help="default hyperparameters: 'toy' for the toy world's "
+      "data (the default), else 'llava-1.5' (the flags below override single values)")
     a("--lr", type=float, help="peak learning rate (AdamW, warmup then cosine decay)")
     a("--batch-size", type=int, help="global batch = micro-batch x accumulation steps x processes")
     a("--micro-batch-size", type=int, help="sequences per process per forward pass")
@@ -81,7 +81,7 @@ def parser(stage, description):
 
 def resolve(args, stage, toy_data):
     """Fill defaults from the recipe and the toy world; compute gradient accumulation."""
-    toy = args.data is None
+    toy = args.data is None or Path(args.data).parent == Path(TOY)   # the toy world's data: its recipe and backbones
     recipe = RECIPES[stage][args.recipe or ("toy" if toy else "llava-1.5")]
     for k, v in {"group_by_length": False, **recipe}.items():
         if getattr(args, k) is None:

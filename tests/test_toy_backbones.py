@@ -183,9 +183,9 @@ def test_places_list_scoring_counts_each_shape_named_with_its_own_place():
                             {"category": "blue square", "bbox": [0.4, 0.7, 0.6, 0.9]}]}
     objs, _ = teacher.read_record(record)
     assert [o.position for o in objs] == ["top left", "bottom"]
-    assert probe.placed_right("red circle: top left. blue square: bottom.", objs) == [True, True]
-    assert probe.placed_right("blue square: top left. red circle: top left.", objs) == [True, False]
-    assert probe.placed_right("red circle: top left", objs) == [True, False]          # the square is missing
+    assert probe.placed_right("red circle top left. blue square bottom.", objs) == [True, True]
+    assert probe.placed_right("blue square top left. red circle top left.", objs) == [True, False]
+    assert probe.placed_right("red circle top left", objs) == [True, False]          # the square is missing
     # The probe asks the teacher's own question, so the model is asked what stage 2 trained it on.
     questions = {q for q, _ in teacher.places(objs, random.Random(0))}
     assert probe.PLACES_BY_NAME is teacher.PLACES_BY_NAME and teacher.PLACES_BY_NAME in questions

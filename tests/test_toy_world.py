@@ -60,7 +60,7 @@ def test_a_scene_can_be_remade_alone():
 
 def test_written_files_and_counts(built):
     for name in ["caps_boxes_train.jsonl", "caps_boxes_test.jsonl", "pretrain.json", "instruct.json",
-                 "lm_corpus.json", "bench.jsonl", "sample_sheet.png", "world.json"]:
+                 "places.json", "lm_corpus.json", "bench.jsonl", "sample_sheet.png", "world.json"]:
         assert os.path.exists(os.path.join(built, name)), name
     assert len(os.listdir(os.path.join(built, "images", "train"))) == N_TRAIN
     assert len(os.listdir(os.path.join(built, "images", "test"))) == N_TEST
@@ -146,15 +146,20 @@ def test_places_records_pair_every_shape_with_its_cell_in_shuffled_order(built):
     caps = {r["image"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
     with open(os.path.join(built, "instruct.json")) as f:
         records = [r for r in json.load(f) if r["id"].split("-")[1] == "places"]
+    with open(os.path.join(built, "places.json")) as f:
+        lists_alone = json.load(f)                   # the toy stage 2's first part: every image twice
+    assert sorted(r["image"] for r in lists_alone) == sorted(list(caps) * 2)
     orders = set()
-    for r in records:
+    for r in records + lists_alone:
         where = {i["category"]: world.grid_position(i["bbox"]) for i in caps[r["image"]]["instances"]}
         for question, answer in zip(*[iter(t["value"] for t in r["conversations"])] * 2):
-            pairs = [item.split(": ") for item in answer.rstrip(".").split(". ")]
-            if "as place: shape" in question or "as place: kind" in question:
-                pairs = [(name, place) for place, name in pairs]
-            if "kind" in question:                                        # the kind alone, "square: top"
-                assert sorted(map(tuple, pairs)) == sorted((name.split()[1], place) for name, place in where.items())
+            items = [item.split() for item in answer.rstrip(".").split(". ")]
+            first, width = "place" if "as place then" in question else "name", 1 if "kind" in question else 2
+            # "red circle top left": the name is two words, the place the rest; a kind alone is one word
+            pairs = [(" ".join(w[:width]), " ".join(w[width:])) if first == "name" else
+                     (" ".join(w[-width:]), " ".join(w[:-width])) for w in items]
+            if "kind" in question:                                        # the kind alone, "square top"
+                assert sorted(pairs) == sorted((name.split()[1], place) for name, place in where.items())
                 continue
             assert dict(pairs) == where and len(pairs) == len(where)      # every shape once, at its cell
             orders.add([name for name, _ in pairs] == sorted(where, key=lambda n: world.POSITIONS.index(where[n])))

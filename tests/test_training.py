@@ -74,6 +74,9 @@ def test_stage1_trains_only_W_and_stage2_never_touches_clip(world, tmp_path):
                                       for n, p in m2.named_parameters() if n.startswith(prefix))
     assert changed("multi_modal_projector.", s1_W)
     assert changed("language_model.", {k[len("language_model."):]: v for k, v in fresh.state_dict().items()})
+    m2 = train_finetune.main(flags(world, tmp_path / "s2-0", "instruct.json", projector=tmp_path / "s1",
+                                   **{"max-steps": 2, "batch-size": 8, "micro-batch-size": 4, "projector-lr": 0}))
+    assert not changed("multi_modal_projector.", s1_W)                          # --projector-lr 0 keeps W
 
 
 def test_stage2_can_start_from_a_whole_llava(world, tmp_path):
@@ -103,6 +106,18 @@ def run(args, script="train_finetune.py", nproc=1, **popen):
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def test_the_toy_worlds_files_get_the_toy_recipe_and_backbones():
+    resolve = lambda *argv: T.resolve(T.parser("finetune", "").parse_args(argv), "finetune", "instruct.json")
+    default, places = resolve(), resolve("--data", "data/toy/places.json")     # the toy recipe's two parts
+    assert default.data == "data/toy/instruct.json" and places.data == "data/toy/places.json"
+    for args in (default, places):
+        assert (args.lr, args.epochs, args.vision, args.llm) == (5e-4, 2, "data/toy/clip", "data/toy/llm")
+    real = resolve("--data", "mix.json", "--vision", "clip", "--llm", "vicuna", "--image-folder", "images")
+    assert (real.lr, real.batch_size) == (2e-5, 128)                            # elsewhere: LLaVA-1.5's
+    with pytest.raises(SystemExit, match="--vision --llm --image-folder"):
+        resolve("--data", "mix.json")
 
 
 def test_same_global_batch_gives_same_losses_for_2_processes_and_for_accumulation(world, tmp_path):

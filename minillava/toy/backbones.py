@@ -47,8 +47,9 @@ CLIP_CONFIG = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidde
 GRID = CLIP_CONFIG.image_size // CLIP_CONFIG.patch_size
 # Weights of the auxiliary loss's terms next to the contrastive one; shape is the hard one for a 4-layer ViT,
 # and the cell is what the bench's colour and shape questions look a shape up by (cell 3.0 -> 6.0: README).
-AUX_WEIGHTS = (1.0, 5.0, 6.0)   # colour, shape, cell
-BACKBONES_VERSION = 3   # bumped when the recipe changes, so that `python -m minillava.toy` rebuilds old backbones
+# Colour 1.0 -> 4.0: with 1.0, stage 2's first part (places lists alone) lost colour reading (README).
+AUX_WEIGHTS = (4.0, 5.0, 6.0)   # colour, shape, cell
+BACKBONES_VERSION = 4   # bumped when the recipe changes, so that `python -m minillava.toy` rebuilds old backbones
 
 # ---------------------------------------------------------------- shared training pieces
 

@@ -81,7 +81,7 @@ def reading(llm, data, limit):
 
 def writing(model_dir, data, limit):
     """{n shapes: percent of shapes placed right} in the lists the model writes for held-out images,
-    greedy: a shape counts when the list holds "<its name>: <its place>". The lookup in its easiest
+    greedy: a shape counts when the list holds "<its name> <its place>". The lookup in its easiest
     framing, as stage 2 trained it; a lone shape needs no binding, two to four do."""
     model, tok = LLaVA.from_pretrained(model_dir).eval(), Tokenizer(model_dir)
     conv_mode = model.config.conv_mode
@@ -106,7 +106,7 @@ def placing(model_dir, data, limit):
     right = defaultdict(list)
     for r in [json.loads(line) for line in (Path(data) / "caps_boxes_test.jsonl").open()][:limit]:
         objs = read_record(r)[0]
-        answer = ". ".join(f"{o.name}: {o.position}" for o in random.Random(r["id"]).sample(objs, len(objs))) + "."
+        answer = ". ".join(f"{o.name} {o.position}" for o in random.Random(r["id"]).sample(objs, len(objs))) + "."
         ids, labels = tokenize_conversation(tok, model.config.conv_mode, [f"<image>\n{PLACES_BY_NAME}", answer])
         image = preprocess(open_image(Path(data) / "images" / r["image"]), model.config.vision.image_size, pad=True)
         with torch.no_grad():
@@ -114,17 +114,17 @@ def placing(model_dir, data, limit):
             guess = model.language_model.lm_head(model.language_model.model(x))[0].argmax(-1)     # (L,)
         labels = labels[0].tolist()
         pieces = [tok.sp.id_to_piece(t) if t >= 0 else "" for t in labels]
-        for t in range(2, len(pieces)):
-            if pieces[t] in place_words and pieces[t - 2] in shape_words:           # "circle", ":", "top"
+        for t in range(1, len(pieces)):
+            if pieces[t] in place_words and pieces[t - 1] in shape_words:           # "circle", "top"
                 end = next(u for u in range(t, len(pieces)) if pieces[u] not in place_words)
                 right[len(objs)].append(all(guess[u - 1] == labels[u] for u in range(t, end)))
     return {n: round(100 * sum(v) / len(v), 1) for n, v in sorted(right.items())}
 
 
 def placed_right(text, objs):
-    """For each of the scene's objects (teacher.read_record), whether the list holds "<name>: <place>"."""
+    """For each of the scene's objects (teacher.read_record), whether the list holds "<name> <place>"."""
     written = {item.strip() for item in text.split(".")}
-    return [f"{o.name}: {o.position}" in written for o in objs]
+    return [f"{o.name} {o.position}" in written for o in objs]
 
 
 def linear_probe(features, targets, classes):

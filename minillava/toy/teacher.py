@@ -64,7 +64,7 @@ def be(n):
     return "is" if n == 1 else "are"
 
 
-def the_list(objs):
+def the_list(objs):  # "the red circle, the blue square and the green diamond"
     return join_words([f"the {o.name}" for o in objs])
 
 
@@ -150,19 +150,20 @@ def conversation(objs, rng, short):
 # ---------------------------------------------------------------- places: every shape and its cell
 # LLaVA-1.5's mix665k adds region-level data (RefCOCO, Visual Genome) that pairs objects with where
 # they are. The toy stand-in lists every shape with its place, and every place with its shape, in a
-# random order each time, so the list can only be written by reading each named object's token. This
-# is meant to teach the LM to find the token a name points at; measured with them: position 11% -> 42%
-# (README). But in `python -m minillava.toy.probe --lookup-task 1000` only lists without the colon, shown
-# first, carry the lookup over to the questions; the colon is kept (without it: no gain, commit 2b143ce). Lists 3 and 4,
-# kinds alone ("square: top.", "top: square."), read a shape with no colour word before it (README).
-PLACES_BY_NAME = "List every shape with its place in the image, as shape: place."  # also the probe's question
+# new order each time, so a list is written only by finding the token each name points at. The place
+# follows the name directly ("red circle top left."): `python -m minillava.toy.probe --lookup-task`
+# shows the lookup learned so carries over to questions, and with a ":" between it does not. Lists 3
+# and 4 name kinds alone ("square top."). places_records(): the lists alone, the toy stage 2's first part.
+PLACES_BY_NAME = "List every shape with its place in the image, as shape then place."  # also the probe's question
+PLACE_LISTS = [(PLACES_BY_NAME, "name", "position"),
+               ("List what is in each occupied part of the image, as place then shape.", "position", "name"),
+               ("List the kind of every shape with its place, as kind then place.", "shape", "position"),
+               ("List the kind of shape in each occupied part of the image, as place then kind.", "position", "shape")]
+
 
 def places(objs, rng):
-    listing = lambda item: ". ".join(item(o) for o in rng.sample(objs, len(objs))) + "."  # a new order each time
-    pairs = [(PLACES_BY_NAME, listing(lambda o: f"{o.name}: {o.position}")),
-             ("List what is in each occupied part of the image, as place: shape.", listing(lambda o: f"{o.position}: {o.name}")),
-             ("List the kind of every shape with its place, as kind: place.", listing(lambda o: f"{o.shape}: {o.position}")),
-             ("List the kind of shape in each occupied part of the image, as place: kind.", listing(lambda o: f"{o.position}: {o.shape}"))]
+    listing = lambda a, b: ". ".join(f"{getattr(o, a)} {getattr(o, b)}" for o in rng.sample(objs, len(objs))) + "."
+    pairs = [(question, listing(a, b)) for question, a, b in PLACE_LISTS]   # a new order for each list
     return rng.sample(pairs, len(pairs))
 
 
@@ -322,12 +323,9 @@ def pretrain_records(records, seed):
 
 
 def text_only_records(records, seed, per_scene=5):
-    """Records with the scene described in words instead of an image (no `image`, no <image>).
-
-    Each scene gets `per_scene` records, cycling through short-answer and full-sentence
-    conversations, a detailed description, a complex-reasoning question and a caption, so
-    that a language model trained on them alone learns the world's language and chat format.
-    """
+    """Records with the scene told in words instead of an image (no `image`, no <image>): `per_scene`
+    per scene, cycling through short and full-sentence conversations, a detailed description, a complex
+    question and a caption, so that an LM trained on them alone learns the world's language and chat."""
     kinds = ["short", "full", "detail", "complex", "brief"]
     out = []
     for r in records:
@@ -339,12 +337,10 @@ def text_only_records(records, seed, per_scene=5):
 
 
 def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRACTION, places_fraction=PLACES_FRACTION):
-    """Stage 2 (like llava_instruct_158k + a little of mix665k's region-level and text-only data), shuffled.
-
-    Conversation, detailed and complex-reasoning records in the paper's 58:23:77 proportion
-    per 80 images (times `scale`), each on a random image; `places_fraction` as many "places"
-    records; then `text_only_fraction` of the total as text-only records.
-    """
+    """Stage 2 (like llava_instruct_158k + a little of mix665k's region-level and text-only data), shuffled:
+    conversation, detailed and complex-reasoning records in the paper's 58:23:77 proportion per 80 images
+    (times `scale`), each on a random image; `places_fraction` as many "places" records; then
+    `text_only_fraction` of the total as text-only records."""
     plan = {kind: round(len(records) * per_80 / PAPER_IMAGES * scale) for kind, per_80 in PAPER_MIX.items()}
     plan["places"] = round(sum(plan.values()) * places_fraction)
     plan["text"] = round(sum(plan.values()) * text_only_fraction / (1 - text_only_fraction))
@@ -363,18 +359,24 @@ def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRAC
     return out
 
 
+def places_records(records, seed, per_image=2):
+    """The places lists alone (each record all four), each image `per_image` times, shuffled: the first
+    part of the toy stage 2 (README), where the LM learns to find the token a name points at."""
+    out = [make_record("places", r, f"{r['id']}-lists-{k}", record_rng(seed, f"{r['id']}-lists-{k}"))
+           for k in range(per_image) for r in records]
+    random.Random(f"{seed}/lists").shuffle(out)
+    return out
+
+
 # ---------------------------------------------------------------- benchmark
 
 NUMBERS = {w: str(i) for i, w in enumerate(NUMBER_WORDS + ["eleven", "twelve"])}
 
 
 def normalize_answer(text):
-    """Normalize a short answer for exact-match scoring, used for gold answers and predictions.
-
-    Lower-cases; turns punctuation into spaces ("top-left." -> "top left"); drops the
-    articles a/an/the; writes number words zero..twelve as digits ("Three" -> "3");
-    collapses whitespace. So "The Top-Left." and "top left" both give "top left".
-    """
+    """Normalize a short answer (gold or predicted) for exact-match scoring: lower case, punctuation to
+    spaces, no articles a/an/the, number words zero..twelve as digits, whitespace collapsed.
+    So "The Top-Left." and "top left" both give "top left", "Three" gives "3"."""
     words = re.sub(r"[^\w\s]", " ", text.lower()).split()
     return " ".join(NUMBERS.get(w, w) for w in words if w not in ("a", "an", "the"))
 
@@ -383,11 +385,9 @@ BENCH_QUESTIONS = {"count": q_count, "color": q_color, "shape": q_shape, "positi
 
 
 def bench_questions(records, seed):
-    """Held-out questions as JSONL lines {question_id, image, text, answer, category}.
-
-    One short-answer question per category per image (no relation question for a lone
-    shape), phrased exactly as in training; `answer` is the normalized gold answer.
-    """
+    """Held-out questions as JSONL lines {question_id, image, text, answer, category}: one short-answer
+    question per category per image (no relation for a lone shape), phrased exactly as in training;
+    `answer` is the normalized gold answer."""
     out = []
     for r in records:
         objs, _ = read_record(r)

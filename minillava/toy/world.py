@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-VERSION = 5
+VERSION = 6
 IMAGE_SIZE = 64   # drawn at 64x64 px; the tiny CLIP resizes to 72 px and cuts 24 px patches, one per grid cell
 SUPERSAMPLE = 4   # shapes are drawn at 4x and averaged down: smooth, exactly-known edges
 
@@ -275,7 +275,7 @@ def build_world(out_dir, n_train=4000, n_test=200, seed=0, progress=True):
     """Render the toy world and write all its data under `out_dir`; returns world.json's content.
 
     Writes images/{train,test}/*.png, caps_boxes_{train,test}.jsonl, pretrain.json (stage 1),
-    instruct.json (stage 2), lm_corpus.json (text-only, to pretrain a tiny LM), bench.jsonl
+    places.json and instruct.json (stage 2, in two parts), lm_corpus.json (text-only, to pretrain a tiny LM), bench.jsonl
     (held-out short-answer questions), sample_sheet.png and world.json.
     """
     from tqdm import tqdm
@@ -306,6 +306,7 @@ def build_world(out_dir, n_train=4000, n_test=200, seed=0, progress=True):
     files = {
         "pretrain.json": teacher.pretrain_records(caps["train"], seed),
         "instruct.json": teacher.instruct_records(caps["train"], seed),
+        "places.json": teacher.places_records(caps["train"], seed),   # the toy stage 2's first part
         "lm_corpus.json": teacher.text_only_records(caps["train"], seed),
     }
     for name, records in files.items():
