@@ -147,8 +147,14 @@ def test_places_records_pair_every_shape_with_its_cell_in_shuffled_order(built):
     with open(os.path.join(built, "instruct.json")) as f:
         records = [r for r in json.load(f) if r["id"].split("-")[1] == "places"]
     with open(os.path.join(built, "places.json")) as f:
-        lists_alone = json.load(f)                   # the toy stage 2's first part: every image twice
+        first_part = json.load(f)                    # the toy stage 2's first part: lists of every image twice,
+    lists_alone = [r for r in first_part if "-lists-" in r["id"]]          # and half the images described
+    described = [r for r in first_part if r["id"].endswith("-detail")]
     assert sorted(r["image"] for r in lists_alone) == sorted(list(caps) * 2)
+    assert len(described) == round(len(caps) / 2) == len({r["image"] for r in described})
+    assert len(lists_alone) + len(described) == len(first_part)
+    assert all(t["value"] == teacher.describe(*teacher.read_record(caps[r["image"]])) for r in described
+               for t in r["conversations"][1::2])
     orders = set()
     for r in records + lists_alone:
         where = {i["category"]: world.grid_position(i["bbox"]) for i in caps[r["image"]]["instances"]}

@@ -1,12 +1,11 @@
 """A rule-based stand-in for GPT-4 (paper section 3) that writes the toy world's instruction data.
 
-Like GPT-4 in the paper, the teacher never sees pixels: it reads the symbolic caps_boxes
-record (captions + one box per object) and writes the three response types: conversation,
-detailed description and complex reasoning. It also writes stage-1 caption records,
-"places" lists (every shape with its cell: LLaVA-1.5's region-level data in miniature),
-text-only records (the scene told in words, for LM pretraining and the ShareGPT-like share
-of stage 2) and the held-out benchmark. Answers follow fixed patterns so a tiny model can
-learn them; questions only ask what the record answers for certain.
+Like GPT-4 in the paper, the teacher never sees pixels: it reads the symbolic caps_boxes record (captions +
+one box per object) and writes the three response types: conversation, detailed description and complex
+reasoning. It also writes stage-1 caption records, "places" lists (every shape with its cell: LLaVA-1.5's
+region-level data in miniature), text-only records (the scene told in words, for LM pretraining and the
+ShareGPT-like share of stage 2) and the held-out benchmark. Answers follow fixed patterns so a tiny model
+can learn them; questions only ask what the record answers for certain.
 """
 import math
 import random
@@ -26,8 +25,7 @@ PAPER_IMAGES = 80
 TEXT_ONLY_FRACTION = 0.05  # share of text-only records in instruct.json (mix665k's ShareGPT part)
 PLACES_FRACTION = 0.2      # "places" records per image record (mix665k's region-level part, see places())
 BENCH_CATEGORIES = ["count", "color", "shape", "position", "relation"]
-INTROS = ["Picture this: {}.", "Imagine an image with {}.", "Suppose a picture shows {}.",
-          "Consider an image containing {}."]
+INTROS = ["Picture this: {}.", "Imagine an image with {}.", "Suppose a picture shows {}.", "Consider an image containing {}."]
 
 
 @dataclass
@@ -148,12 +146,11 @@ def conversation(objs, rng, short):
 
 
 # ---------------------------------------------------------------- places: every shape and its cell
-# LLaVA-1.5's mix665k adds region-level data (RefCOCO, Visual Genome) that pairs objects with where
-# they are. The toy stand-in lists every shape with its place, and every place with its shape, in a
-# new order each time, so a list is written only by finding the token each name points at. The place
-# follows the name directly ("red circle top left."): `python -m minillava.toy.probe --lookup-task`
-# shows the lookup learned so carries over to questions, and with a ":" between it does not. Lists 3
-# and 4 name kinds alone ("square top."). places_records(): the lists alone, the toy stage 2's first part.
+# LLaVA-1.5's mix665k adds region-level data (RefCOCO, Visual Genome) that pairs objects with where they
+# are. The toy stand-in lists every shape with its place, and every place with its shape, in a new order
+# each time, so a list is written only by finding the token each name points at. The place follows the
+# name directly ("red circle top left."): `python -m minillava.toy.probe --lookup-task` shows the lookup
+# learned so carries over to questions; with a ":" between, it does not. Lists 3 and 4 name kinds alone.
 PLACES_BY_NAME = "List every shape with its place in the image, as shape then place."  # also the probe's question
 PLACE_LISTS = [(PLACES_BY_NAME, "name", "position"),
                ("List what is in each occupied part of the image, as place then shape.", "position", "name"),
@@ -359,11 +356,14 @@ def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRAC
     return out
 
 
-def places_records(records, seed, per_image=2):
-    """The places lists alone (each record all four), each image `per_image` times, shuffled: the first
-    part of the toy stage 2 (README), where the LM learns to find the token a name points at."""
+def places_records(records, seed, per_image=2, described=0.5):
+    """The toy stage 2's first part (README), shuffled: places records (all four lists), each image `per_image`
+    times, where the LM learns to find the token a name points at; and detailed descriptions of a `described`
+    share of the images: with the lists alone, W let colour fade from H_v and the model stopped reading it."""
     out = [make_record("places", r, f"{r['id']}-lists-{k}", record_rng(seed, f"{r['id']}-lists-{k}"))
            for k in range(per_image) for r in records]
+    out += [make_record("detail", r, f"{r['id']}-detail", record_rng(seed, f"{r['id']}-detail"))
+            for r in records[:round(described * len(records))]]
     random.Random(f"{seed}/lists").shuffle(out)
     return out
 
