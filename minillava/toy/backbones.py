@@ -15,8 +15,8 @@ through the same loaders real weights use.
     cell (or "empty", read from the boxes) and the cell itself; then they are thrown away. Cosine, so
     that a property is named only if it takes a real share of the token: with plain linear heads,
     colour explained 73% of an occupied token's variance, shape 1.1%, the cell 0.8%, and the LM never
-    learned to read shape or find a cell; with these 13.5%, 28%, 36% (`python -m minillava.toy.probe`;
-    30% for the cell when it was weighted 3, not 6). One patch token per cell of the world's 3x3 grid.
+    learned to read shape or find a cell; with these 20%, 26%, 34% (`python -m minillava.toy.probe`;
+    colour took 13.5% weighted 1, not 4, the cell 30% weighted 3, not 6). One patch token per grid cell.
   * LM (lm.py): a SentencePiece tokenizer and a LLaMA trained on the scenes told in words, as chats.
 
 Shapes: B batch, N_v patches (9 at 72 px, patch 24), D_v vision width, L words, E embedding.
@@ -47,7 +47,7 @@ CLIP_CONFIG = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidde
 GRID = CLIP_CONFIG.image_size // CLIP_CONFIG.patch_size
 # Weights of the auxiliary loss's terms next to the contrastive one; shape is the hard one for a 4-layer ViT,
 # and the cell is what the bench's colour and shape questions look a shape up by (cell 3.0 -> 6.0: README).
-# Colour 1.0 -> 4.0: with 1.0, stage 2's first part (places lists alone) lost colour reading (README).
+# Colour 1.0 -> 4.0 (20% of an occupied token's variance, was 14%): with 1.0, places lists alone lost colour (README).
 AUX_WEIGHTS = (4.0, 5.0, 6.0)   # colour, shape, cell
 BACKBONES_VERSION = 4   # bumped when the recipe changes, so that `python -m minillava.toy` rebuilds old backbones
 

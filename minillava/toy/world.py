@@ -274,9 +274,9 @@ def write_json(path, obj, jsonl=False):
 def build_world(out_dir, n_train=4000, n_test=200, seed=0, progress=True):
     """Render the toy world and write all its data under `out_dir`; returns world.json's content.
 
-    Writes images/{train,test}/*.png, caps_boxes_{train,test}.jsonl, pretrain.json (stage 1),
-    places.json and instruct.json (stage 2, in two parts), lm_corpus.json (text-only, to pretrain a tiny LM), bench.jsonl
-    (held-out short-answer questions), sample_sheet.png and world.json.
+    Writes images/{train,test}/*.png, caps_boxes_{train,test}.jsonl, pretrain.json (stage 1), places.json
+    and instruct.json (stage 2, in two parts), lm_corpus.json (text-only, to pretrain a tiny LM),
+    bench.jsonl (held-out short-answer questions), sample_sheet.png and world.json.
     """
     from tqdm import tqdm
 
