@@ -15,7 +15,7 @@
      faint; an LM trained for a few minutes reads the loud ones first.
 
   3. Writing: the places lists the model writes for the held-out images ("List every shape with its
-     place ...", answered "red circle: top left. ..."), the share of shapes placed right, by the
+     place ...", answered "red circle top left. ..."), the share of shapes placed right, by the
      number of shapes. The lookup in the framing stage 2 makes easiest; with one shape nothing
      needs binding. --questions also caps the images here. Then the same lists teacher-forced: given
      the true list so far and the next shape's name, is its place the model's first choice? (Writing
