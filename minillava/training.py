@@ -119,7 +119,7 @@ def cpu_dtype():
 def ensure_toy_world(args):
     """The toy defaults build what is missing of the toy world (a complete one is skipped in seconds)."""
     toy_parts = (args.data, args.vision, args.llm)
-    if all(str(p).startswith(TOY) for p in toy_parts) and not all(Path(p).exists() for p in toy_parts):
+    if all(Path(p).parent == Path(TOY) for p in toy_parts) and not all(Path(p).exists() for p in toy_parts):
         print0("the toy world is not complete: building it first (python -m minillava.toy)")
         from .toy.__main__ import main as build_toy
         if rank() == 0:

@@ -76,7 +76,7 @@ def test_stage1_trains_only_W_and_stage2_never_touches_clip(world, tmp_path):
     assert changed("language_model.", {k[len("language_model."):]: v for k, v in fresh.state_dict().items()})
     m2 = train_finetune.main(flags(world, tmp_path / "s2-0", "instruct.json", projector=tmp_path / "s1",
                                    **{"max-steps": 2, "batch-size": 8, "micro-batch-size": 4, "projector-lr": 0}))
-    assert not changed("multi_modal_projector.", s1_W)                          # --projector-lr 0 keeps W
+    assert not changed("multi_modal_projector.", s1_W)                          # m2 now: --projector-lr 0 keeps W
 
 
 def test_stage2_can_start_from_a_whole_llava(world, tmp_path):
