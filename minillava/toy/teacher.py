@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..constants import IMAGE_PLACEHOLDER
 from ..prompts import BRIEF_DESCRIPTION, DETAILED_DESCRIPTION
 from .world import (BACKGROUNDS, COLORS, NUMBER_WORDS, PHRASES, POSITIONS, SHAPES,
-                    SIZE_THRESHOLD, be, count, grid_position, join_words, the_list)
+                    SIZE_THRESHOLD, count, grid_position, join_words)
 
 # LLaVA-1.5's suffix for short-answer data (VQAv2, GQA, ... in mix665k) and for its benchmarks.
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -56,6 +56,14 @@ def read_record(record):
     captions = " ".join(record["captions"])
     background = next(b for b in BACKGROUNDS if f"{b} background" in captions)
     return objs, background
+
+
+def be(n):
+    return "is" if n == 1 else "are"
+
+
+def the_list(objs):  # "the red circle, the blue square and the green diamond"
+    return join_words([f"the {o.name}" for o in objs])
 
 
 # ---------------------------------------------------------------- conversation questions
@@ -138,10 +146,11 @@ def conversation(objs, rng, short):
 
 
 # ---------------------------------------------------------------- places: every shape and its cell
-# LLaVA-1.5's mix665k adds region-level data (RefCOCO, Visual Genome) pairing objects with where they are.
-# The toy stand-in lists every shape with its place, and every place with its shape, in a new order each time,
-# so a list is written only by finding the token each name points at. The place follows the name ("red circle
-# top left."; with a ":" between, `python -m minillava.toy.probe --lookup-task` saw no carry-over to questions).
+# LLaVA-1.5's mix665k adds region-level data (RefCOCO, Visual Genome) that pairs objects with where they
+# are. The toy stand-in lists every shape with its place, and every place with its shape, in a new order
+# each time, so a list is written only by finding the token each name points at. The place follows the
+# name directly ("red circle top left."): `python -m minillava.toy.probe --lookup-task` shows the lookup
+# learned so carries over to questions; with a ":" between, it does not. Lists 3 and 4 name kinds alone.
 PLACES_BY_NAME = "List every shape with its place in the image, as shape then place."  # also the probe's question
 PLACE_LISTS = [(PLACES_BY_NAME, "name", "position"),
                ("List what is in each occupied part of the image, as place then shape.", "position", "name"),
@@ -274,9 +283,6 @@ def respond(kind, record, rng):
         return [reason(objs, rng)]
     if kind == "places":
         return places(objs, rng)
-    if kind == "lists":  # the first part's records: a short "Where is the X?" first, then the four lists
-        question, place, _ = q_position(objs, rng)
-        return [(question + SHORT_ANSWER, place)] + places(objs, rng)
     short = {"short": True, "full": False, "conversation": rng.random() < 0.5}[kind]
     return conversation(objs, rng, short)
 
@@ -351,10 +357,10 @@ def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRAC
 
 
 def places_records(records, seed, per_image=2, described=0.5):
-    """The toy stage 2's first part (README), shuffled: each image `per_image` times as "lists" (a position
-    question, then the four lists: the LM learns to find the token a name points at), and detailed descriptions
-    of a `described` share of the images: with lists alone, W let colour fade from H_v and the model lost it."""
-    out = [make_record("lists", r, f"{r['id']}-lists-{k}", record_rng(seed, f"{r['id']}-lists-{k}"))
+    """The toy stage 2's first part (README), shuffled: places records (all four lists), each image `per_image`
+    times, where the LM learns to find the token a name points at; and detailed descriptions of a `described`
+    share of the images: with the lists alone, W let colour fade from H_v and the model stopped reading it."""
+    out = [make_record("places", r, f"{r['id']}-lists-{k}", record_rng(seed, f"{r['id']}-lists-{k}"))
            for k in range(per_image) for r in records]
     out += [make_record("detail", r, f"{r['id']}-detail", record_rng(seed, f"{r['id']}-detail"))
             for r in records[:round(described * len(records))]]

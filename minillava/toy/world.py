@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-VERSION = 7
+VERSION = 6
 IMAGE_SIZE = 64   # drawn at 64x64 px; the tiny CLIP resizes to 72 px and cuts 24 px patches, one per grid cell
 SUPERSAMPLE = 4   # shapes are drawn at 4x and averaged down: smooth, exactly-known edges
 
@@ -61,15 +61,6 @@ def join_words(items):
 def count(n, noun):
     """'no shapes', 'one shape', 'three shapes'."""
     return f"no {noun}s" if n == 0 else f"{NUMBER_WORDS[n]} {noun}{'s' if n > 1 else ''}"
-
-
-def be(n):
-    return "is" if n == 1 else "are"
-
-
-def the_list(objs):
-    """'the red circle, the blue square and the green diamond', from objects with a .name."""
-    return join_words([f"the {o.name}" for o in objs])
 
 
 # ---------------------------------------------------------------- scenes
