@@ -164,6 +164,13 @@ def test_lookup_task_reports_accuracy_per_object_count():
     assert [a for _, a, _ in widen] == sorted(a for _, a, _ in widen) and sum(n for *_, n in widen) == 1500
 
 
+def test_lookup_task_command_runs_only_the_framings_asked(capsys):
+    probe.main(["--lookup-task", "2", "--framing", "bare", "--framing", "and 33"])
+    report = json.loads(capsys.readouterr().out)
+    assert list(report) == ["bare", "and 33 before the image"]
+    assert set(report["bare"]) == {"2_objects", "3_objects", "4_objects", "shape_word_alone"}
+
+
 def test_probe_command_reports_reading_and_probes(toy, tmp_path, capsys):
     build_llava(toy / "clip", toy / "llm").save_pretrained(tmp_path / "llava", toy / "llm" / "tokenizer.model")
     probe.main(["--model", str(tmp_path / "llava"), "--data", str(toy), "--questions", "10", "--images", "64"])

@@ -41,6 +41,7 @@ If (2) is high and (1) and (3) are low, the image features carry the answer and 
      object in a random order as its colour, its shape, its cell, "."), without and with a ":" after the name.
      Printed: the accuracy in the last framing trained, on fresh rows with 2, 3 and 4 objects (chance 1/2,
      1/3, 1/4), and what reading the shape word alone gives (a guess among the objects of the named kind).
+     --framing PREFIX (repeatable) runs only the framings whose printed name starts with PREFIX.
 """
 import argparse
 import json
@@ -291,10 +292,13 @@ def main(argv=None):
     p.add_argument("--questions", type=int, default=400, help="bench questions for the reading test")
     p.add_argument("--images", type=int, default=1500, help="training scenes for the probes")
     p.add_argument("--copy-task", type=int, metavar="N", help="train fresh 2- and 4-layer LMs N steps on copying instead")
-    p.add_argument("--lookup-task", type=int, metavar="N", help="train fresh LMs about N steps each on a bare lookup in 6 framings instead")
+    p.add_argument("--lookup-task", type=int, metavar="N", help="train fresh LMs about N steps each on a bare lookup in 8 framings instead")
+    p.add_argument("--framing", action="append",
+                   help="with --lookup-task: only the framings whose name starts with this (repeatable)")
     args = p.parse_args(argv)
     if args.lookup_task:
-        print(json.dumps({name: lookup_task(phases) for name, phases in lookup_framings(args.lookup_task).items()}, indent=1))
+        print(json.dumps({name: lookup_task(phases) for name, phases in lookup_framings(args.lookup_task).items()
+                          if not args.framing or name.startswith(tuple(args.framing))}, indent=1))
         return
     if args.copy_task:
         print(json.dumps({f"{layers}_layers_repeat_loss_per_50_steps": copy_task(layers, args.copy_task)
