@@ -169,6 +169,8 @@ def test_lookup_task_command_runs_only_the_framings_asked(capsys):
     report = json.loads(capsys.readouterr().out)
     assert list(report) == ["bare", "and 33 before the image"]
     assert set(report["bare"]) == {"2_objects", "3_objects", "4_objects", "shape_word_alone"}
+    with pytest.raises(SystemExit, match="no framing starts with"):
+        probe.main(["--lookup-task", "2", "--framing", "nonsense"])
 
 
 def test_probe_command_reports_reading_and_probes(toy, tmp_path, capsys):

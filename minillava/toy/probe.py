@@ -297,8 +297,11 @@ def main(argv=None):
                    help="with --lookup-task: only the framings whose name starts with this (repeatable)")
     args = p.parse_args(argv)
     if args.lookup_task:
-        print(json.dumps({name: lookup_task(phases) for name, phases in lookup_framings(args.lookup_task).items()
-                          if not args.framing or name.startswith(tuple(args.framing))}, indent=1))
+        runs = {name: phases for name, phases in lookup_framings(args.lookup_task).items()
+                if not args.framing or name.startswith(tuple(args.framing))}
+        if not runs:
+            raise SystemExit(f"error: no framing starts with {args.framing}; the framings: {list(lookup_framings(args.lookup_task))}")
+        print(json.dumps({name: lookup_task(phases) for name, phases in runs.items()}, indent=1))
         return
     if args.copy_task:
         print(json.dumps({f"{layers}_layers_repeat_loss_per_50_steps": copy_task(layers, args.copy_task)
