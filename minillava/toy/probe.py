@@ -300,7 +300,8 @@ def main(argv=None):
         runs = {name: phases for name, phases in lookup_framings(args.lookup_task).items()
                 if not args.framing or name.startswith(tuple(args.framing))}
         if not runs:
-            raise SystemExit(f"error: no framing starts with {args.framing}; the framings: {list(lookup_framings(args.lookup_task))}")
+            names = list(lookup_framings(args.lookup_task))
+            raise SystemExit(f"error: no framing starts with {args.framing}; the framings: {names}")
         print(json.dumps({name: lookup_task(phases) for name, phases in runs.items()}, indent=1))
         return
     if args.copy_task:
