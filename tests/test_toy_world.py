@@ -218,6 +218,16 @@ def test_text_only_answers_equal_image_answers(built):
         assert "image" not in told and IMAGE_PLACEHOLDER not in json.dumps(told)
 
 
+def test_round_versus_angular_answers_count_and_conclude_right():
+    record = {"captions": ["A red circle on a plain light gray background."], "instances": [
+        {"category": "red circle", "bbox": [0.05, 0.05, 0.2, 0.2]}, {"category": "blue square", "bbox": [0.7, 0.7, 0.9, 0.9]}]}
+    objs, _ = teacher.read_record(record)
+    for shapes, end in [(objs, "Both numbers are one, so no, there are as many round shapes as angular ones."),
+                        (objs[:1], "One is more than zero, so yes, there are more round shapes than angular ones."),
+                        (objs[1:], "Zero is fewer than one, so no, there are fewer round shapes than angular ones.")]:
+        assert teacher.r_round(shapes, None)[1].endswith(end)
+
+
 def test_bench_answers_agree_with_caps_boxes(built):
     caps = {r["image"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_test.jsonl"))}
     bench = load_jsonl(os.path.join(built, "bench.jsonl"))
