@@ -235,9 +235,9 @@ def r_round(objs, rng):
     angular = [o for o in objs if o.shape != "circle"]
     r, a = len(round_), len(angular)
     group = lambda g, noun: count(len(g), noun) + (f" ({the_list(g)})" if g else "")
-    end = (f"{NUMBER_WORDS[r].capitalize()} is more than {NUMBER_WORDS[a]}, so yes, there are more round shapes than" if r > a
-           else f"Both numbers are {NUMBER_WORDS[r]}, so no, there are as many round shapes as" if r == a
-           else f"{NUMBER_WORDS[r].capitalize()} is fewer than {NUMBER_WORDS[a]}, so no, there are fewer round shapes than") + " angular ones."
+    end = (f"{NUMBER_WORDS[r].capitalize()} is more than {NUMBER_WORDS[a]}, so yes, there are more" if r > a else
+           f"Both numbers are {NUMBER_WORDS[r]}, so no, there are as many" if r == a else
+           f"{NUMBER_WORDS[r].capitalize()} is fewer than {NUMBER_WORDS[a]}, so no, there are fewer") + " round shapes than angular ones."
     return ("Are there more round shapes than angular ones?",
             "Circles are round, while squares, triangles and diamonds have corners, so they are angular. "
             f"The image has {group(round_, 'round shape')} and {group(angular, 'angular shape')}. {end}")
