@@ -131,9 +131,9 @@ def test_record_mix(built):
     with open(os.path.join(built, "instruct.json")) as f:
         kinds = [r["id"].split("-")[1] for r in json.load(f)]
     paper = {"conversation": round(N_TRAIN * 58 / 80), "detail": round(N_TRAIN * 23 / 80), "complex": round(N_TRAIN * 77 / 80)}
-    text = round(sum(paper.values()) * 0.05 / 0.95)                   # 2: 5% of these and themselves
-    quiz = round(sum(paper.values()) * teacher.QUIZ_FRACTION)         # 28 on 24 images
-    assert {k: kinds.count(k) for k in set(kinds)} == {**paper, "text": text, "quiz": quiz}
+    places = round(sum(paper.values()) * 0.2)                         # 9 on 24 images
+    text = round((sum(paper.values()) + places) * 0.05 / 0.95)         # 3: 5% of all records
+    assert {k: kinds.count(k) for k in set(kinds)} == {**paper, "places": places, "text": text}
     with open(os.path.join(built, "pretrain.json")) as f:
         caps = {r["id"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
         for r in json.load(f):
@@ -144,6 +144,8 @@ def test_record_mix(built):
 
 def test_places_records_pair_every_shape_with_its_cell_in_shuffled_order(built):
     caps = {r["image"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
+    with open(os.path.join(built, "instruct.json")) as f:
+        records = [r for r in json.load(f) if r["id"].split("-")[1] == "places"]
     with open(os.path.join(built, "places.json")) as f:
         first_part = json.load(f)                    # the toy stage 2's first part: lists of every image twice,
     lists_alone = [r for r in first_part if "-lists-" in r["id"]]          # and half the images described
@@ -154,7 +156,7 @@ def test_places_records_pair_every_shape_with_its_cell_in_shuffled_order(built):
     assert all(t["value"] == teacher.describe(*teacher.read_record(caps[r["image"]])) for r in described
                for t in r["conversations"][1::2])
     orders = set()
-    for r in lists_alone:
+    for r in records + lists_alone:
         where = {i["category"]: world.grid_position(i["bbox"]) for i in caps[r["image"]]["instances"]}
         for question, answer in zip(*[iter(t["value"] for t in r["conversations"])] * 2):
             items = [item.split() for item in answer.rstrip(".").split(". ")]
@@ -168,37 +170,6 @@ def test_places_records_pair_every_shape_with_its_cell_in_shuffled_order(built):
             assert dict(pairs) == where and len(pairs) == len(where)      # every shape once, at its cell
             orders.add([name for name, _ in pairs] == sorted(where, key=lambda n: world.POSITIONS.index(where[n])))
     assert orders == {True, False}        # sometimes reading order, sometimes not: the list must be read by name
-
-
-def test_quiz_records_ask_every_shape_once_in_the_bench_words_and_answer_true(built):
-    caps = {r["image"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
-    with open(os.path.join(built, "instruct.json")) as f:
-        records = [r for r in json.load(f) if r["id"].split("-")[1] == "quiz"]
-    asked = set()
-    for r in records:
-        instances = caps[r["image"]]["instances"]
-        place = {i["category"]: world.PHRASES[world.grid_position(i["bbox"])] for i in instances}
-        at = {phrase: name for name, phrase in place.items()}
-        turns = [t["value"].replace(IMAGE_PLACEHOLDER, "").strip() for t in r["conversations"]]
-        questions, answers = turns[0::2], turns[1::2]
-        assert len(instances) >= 2 and len(questions) == len(instances)    # every shape, one turn each
-        assert all(q.endswith(SHORT_ANSWER) for q in questions)              # the bench's words
-        targets = []
-        for q, a in zip((q[: -len(SHORT_ANSWER)] for q in questions), answers):
-            if m := re.fullmatch(r"Where is the (\w+ \w+)\?", q):
-                assert a == next(world.grid_position(i["bbox"]) for i in instances if i["category"] == m[1])
-                targets.append(m[1])
-            elif m := re.fullmatch(r"What color is the shape (.+)\?", q):
-                assert a == at[m[1]].split()[0]
-                targets.append(at[m[1]])
-            else:
-                m = re.fullmatch(r"What shape is (.+)\?", q)
-                assert m and a == at[m[1]].split()[1]
-                targets.append(at[m[1]])
-            asked.add(q.split()[0])
-        assert sorted(targets) == sorted(place)                                # each shape asked once
-        assert len({q.startswith("Where") for q in questions}) == 1            # all by name, or all by place
-    assert asked == {"Where", "What"}
 
 
 def test_splits_share_no_image(built):
