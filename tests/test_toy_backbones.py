@@ -12,6 +12,7 @@ from minillava import LLaVA
 from minillava.checkpoint import build_llava
 from minillava.constants import IMAGE_TOKEN_INDEX
 from minillava.conversation import prompt_ids
+from minillava.saving import save_projector
 from minillava.tokenizer import Tokenizer
 from minillava.toy import backbones, lm, probe, teacher
 from minillava.toy.__main__ import main
@@ -116,6 +117,24 @@ def test_explained_variance_is_the_share_of_the_class_means():
     assert probe.explained(features, labels) == 50.0
     assert probe.explained(features[:, :1], labels) == 100.0
     assert probe.explained(features[:, 1:], labels) == 0.0
+
+
+def test_names_first_scores_the_first_colour_and_kind_a_caption_names():
+    obj = teacher.read_record({"instances": [{"category": "red circle", "bbox": [0.0, 0.0, 0.3, 0.3]}],
+                               "captions": ["A red circle on a plain light gray background."]})[0][0]
+    assert probe.names_first("A simple picture of a small Red circle.", obj) == (True, True)
+    assert probe.names_first("A blue circle and a red square.", obj) == (False, True)     # the first ones count
+    assert probe.names_first("A red square and a blue circle.", obj) == (True, False)
+    assert probe.names_first("Nothing here.", obj) == (False, False)
+
+
+def test_stage1_captions_are_scored_on_the_lone_shapes(toy, tmp_path):
+    model = build_llava(toy / "clip", toy / "llm")                               # a fresh W: stage 1 not yet run
+    save_projector(model, tmp_path / "s1", {"vision": str(toy / "clip"), "llm": str(toy / "llm"), "conv_mode": "plain"})
+    lone = sum(len(json.loads(line)["instances"]) == 1 for line in (toy / "caps_boxes_test.jsonl").open())
+    result = probe.captioning(tmp_path / "s1", toy)
+    assert result["images"] == lone > 0 and 1 <= result["different_captions"] <= lone
+    assert 0 <= result["colour_named_right"] <= 100 and 0 <= result["kind_named_right"] <= 100
 
 
 def test_copy_task_reports_the_loss_on_the_repeat():

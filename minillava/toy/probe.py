@@ -24,6 +24,9 @@
 
 If (2) is high and (1) and (3) are low, the image features carry the answer and the LM cannot use it yet.
 
+  --stage1 DIR: instead, whether stage 1 aligned: the captions a stage-1 output (the frozen LM + W) writes
+     for 50 held-out images of one shape, greedy; the share naming the colour and the kind right, and how many
+     different captions there are. In LLaVA the frozen LLM captions the image after stage 1.
   --copy-task N: instead, why the tiny LLaMA has 2 layers. Fresh models of the toy LM's shape with
      2 and with 4 layers, trained N steps (16 rows, the backbones' optimizer and schedule) on rows of
      32 random tokens followed by the same 32 again; printed: the loss on the repeat every 50 steps
@@ -120,6 +123,31 @@ def placing(model_dir, data, limit):
                 end = next(u for u in range(t, len(pieces)) if pieces[u] not in place_words)
                 right[len(objs)].append(all(guess[u - 1] == labels[u] for u in range(t, end)))
     return {n: round(100 * sum(v) / len(v), 1) for n, v in sorted(right.items())}
+
+
+def captioning(stage1_dir, data, limit=50):
+    """Does stage 1 align? The frozen LM + W (a stage-1 output) captions held-out images of one shape, greedy, in the
+    template stage 1 trained with: the share that name the shape's colour first and its kind first, and how many
+    different captions there are (one for every image: the captions do not depend on the image)."""
+    cfg = json.loads((Path(stage1_dir) / "projector_config.json").read_text())
+    model = build_llava(cfg["vision"], cfg["llm"], cfg["projector_type"], stage1_dir).eval()
+    tok, conv_mode = Tokenizer(cfg["llm"]), cfg.get("conv_mode", "plain")
+    prompt = "<image>" if conv_mode == "plain" else "<image>\nProvide a brief description of the given image."
+    records = [r for r in map(json.loads, (Path(data) / "caps_boxes_test.jsonl").open())
+               if len(r["instances"]) == 1][:limit]
+    items = [{"prompt": prompt, "image": Path(data) / "images" / r["image"]} for r in records]
+    captions = generate_answers(model, tok, conv_mode, items, max_new_tokens=24)
+    named = [names_first(text, read_record(r)[0][0]) for r, text in zip(records, captions)]
+    return {"images": len(records), "colour_named_right": round(100 * sum(c for c, _ in named) / len(named), 1),
+            "kind_named_right": round(100 * sum(k for _, k in named) / len(named), 1),
+            "different_captions": len(set(captions)), "examples": captions[:3]}
+
+
+def names_first(text, obj):
+    """(colour right, kind right): whether the first colour word and the first kind word in text are obj's."""
+    words = normalize_answer(text).split()
+    first = lambda vocabulary: next((w for w in words if w in vocabulary), None)
+    return first(COLORS) == obj.color, first(SHAPES) == obj.shape
 
 
 def placed_right(text, objs):
@@ -291,6 +319,7 @@ def main(argv=None):
     p.add_argument("--data", default="data/toy", help="the toy world (default: %(default)s)")
     p.add_argument("--questions", type=int, default=400, help="bench questions for the reading test")
     p.add_argument("--images", type=int, default=1500, help="training scenes for the probes")
+    p.add_argument("--stage1", metavar="DIR", help="instead: the captions a stage-1 output (frozen LM + W) writes for lone shapes")
     p.add_argument("--copy-task", type=int, metavar="N", help="train fresh 2- and 4-layer LMs N steps on copying instead")
     p.add_argument("--lookup-task", type=int, metavar="N", help="train fresh LMs about N steps each on a bare lookup in 8 framings instead")
     p.add_argument("--framing", action="append",
@@ -303,6 +332,9 @@ def main(argv=None):
             names = list(lookup_framings(args.lookup_task))
             raise SystemExit(f"error: no framing starts with {args.framing}; the framings: {names}")
         print(json.dumps({name: lookup_task(phases) for name, phases in runs.items()}, indent=1))
+        return
+    if args.stage1:
+        print(json.dumps(captioning(args.stage1, args.data), indent=1))
         return
     if args.copy_task:
         print(json.dumps({f"{layers}_layers_repeat_loss_per_50_steps": copy_task(layers, args.copy_task)
