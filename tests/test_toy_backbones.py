@@ -133,8 +133,10 @@ def test_stage1_captions_are_scored_on_the_lone_shapes(toy, tmp_path):
     save_projector(model, tmp_path / "s1", {"vision": str(toy / "clip"), "llm": str(toy / "llm"), "conv_mode": "plain"})
     lone = sum(len(json.loads(line)["instances"]) == 1 for line in (toy / "caps_boxes_test.jsonl").open())
     result = probe.captioning(tmp_path / "s1", toy)
-    assert result["images"] == lone > 0 and 1 <= result["different_captions"] <= lone
-    assert 0 <= result["colour_named_right"] <= 100 and 0 <= result["kind_named_right"] <= 100
+    assert result["images"] == lone > 0
+    for source in ("from_W", "scene_in_words"):
+        assert 1 <= result[source]["different_captions"] <= lone
+        assert 0 <= result[source]["colour_named_right"] <= 100 and 0 <= result[source]["kind_named_right"] <= 100
 
 
 def test_copy_task_reports_the_loss_on_the_repeat():

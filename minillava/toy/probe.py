@@ -26,7 +26,8 @@ If (2) is high and (1) and (3) are low, the image features carry the answer and 
 
   --stage1 DIR: instead, whether stage 1 aligned: the captions a stage-1 output (the frozen LM + W) writes
      for 50 held-out images of one shape, greedy; the share naming the colour and the kind right, and how many
-     different captions there are. In LLaVA the frozen LLM captions the image after stage 1.
+     different captions there are; and the same LM's captions of the same scenes told in words. In LLaVA the
+     frozen LLM captions the image after stage 1.
   --copy-task N: instead, why the tiny LLaMA has 2 layers. Fresh models of the toy LM's shape with
      2 and with 4 layers, trained N steps (16 rows, the backbones' optimizer and schedule) on rows of
      32 random tokens followed by the same 32 again; printed: the loss on the repeat every 50 steps
@@ -128,7 +129,8 @@ def placing(model_dir, data, limit):
 def captioning(stage1_dir, data, limit=50):
     """Does stage 1 align? The frozen LM + W (a stage-1 output) captions held-out images of one shape, greedy, in the
     template stage 1 trained with: the share that name the shape's colour first and its kind first, and how many
-    different captions there are (one for every image: the captions do not depend on the image)."""
+    different captions there are (one for every image: the captions do not depend on the image). The control: the same
+    frozen LM asked for the caption with the same scenes told in words instead, in its own chat template."""
     cfg = json.loads((Path(stage1_dir) / "projector_config.json").read_text())
     model = build_llava(cfg["vision"], cfg["llm"], cfg["projector_type"], stage1_dir).eval()
     tok, conv_mode = Tokenizer(cfg["llm"]), cfg.get("conv_mode", "plain")
@@ -137,10 +139,16 @@ def captioning(stage1_dir, data, limit=50):
                if len(r["instances"]) == 1][:limit]
     items = [{"prompt": prompt, "image": Path(data) / "images" / r["image"]} for r in records]
     captions = generate_answers(model, tok, conv_mode, items, max_new_tokens=24)
-    named = [names_first(text, read_record(r)[0][0]) for r, text in zip(records, captions)]
-    return {"images": len(records), "colour_named_right": round(100 * sum(c for c, _ in named) / len(named), 1),
-            "kind_named_right": round(100 * sum(k for _, k in named) / len(named), 1),
-            "different_captions": len(set(captions)), "examples": captions[:3]}
+    brief = "Provide a brief description of the given image."
+    in_words = [greedy_answer(model.language_model, tok, f"{scene_in_words(r, random.Random(r['id']))} {brief}", 24)
+                for r in records]
+    out = {"images": len(records)}
+    for name, texts in (("from_W", captions), ("scene_in_words", in_words)):
+        named = [names_first(text, read_record(r)[0][0]) for r, text in zip(records, texts)]
+        out[name] = {"colour_named_right": round(100 * sum(c for c, _ in named) / len(named), 1),
+                     "kind_named_right": round(100 * sum(k for _, k in named) / len(named), 1),
+                     "different_captions": len(set(texts)), "examples": texts[:3]}
+    return out
 
 
 def names_first(text, obj):
