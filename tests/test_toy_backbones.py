@@ -134,7 +134,7 @@ def test_stage1_captions_are_scored_on_the_lone_shapes(toy, tmp_path):
     lone = sum(len(json.loads(line)["instances"]) == 1 for line in (toy / "caps_boxes_test.jsonl").open())
     result = probe.captioning(tmp_path / "s1", toy)
     assert result["images"] == lone > 0
-    for source in ("from_W", "scene_in_words"):
+    for source in ("from_W", "scene_in_words", "words_summed_in_one_token"):
         assert 1 <= result[source]["different_captions"] <= lone
         assert 0 <= result[source]["colour_named_right"] <= 100 and 0 <= result[source]["kind_named_right"] <= 100
 

@@ -26,8 +26,8 @@ If (2) is high and (1) and (3) are low, the image features carry the answer and 
 
   --stage1 DIR: instead, whether stage 1 aligned: the captions a stage-1 output (the frozen LM + W) writes
      for 50 held-out images of one shape, greedy; the share naming the colour and the kind right, and how many
-     different captions there are; and the same LM's captions of the same scenes told in words. In LLaVA the
-     frozen LLM captions the image after stage 1.
+     different captions there are; and the same LM's captions of the same scenes told in words, and with their
+     words summed into one token where the image goes. In LLaVA the frozen LLM captions the image after stage 1.
   --copy-task N: instead, why the tiny LLaMA has 2 layers. Fresh models of the toy LM's shape with
      2 and with 4 layers, trained N steps (16 rows, the backbones' optimizer and schedule) on rows of
      32 random tokens followed by the same 32 again; printed: the loss on the repeat every 50 steps
@@ -57,7 +57,8 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import build_llava
-from ..conversation import tokenize_conversation
+from ..constants import IMAGE_TOKEN_INDEX
+from ..conversation import prompt_ids, tokenize_conversation
 from ..eval.common import generate_answers
 from ..image import open_image, preprocess
 from ..llava import LLaVA
@@ -65,7 +66,7 @@ from ..tokenizer import Tokenizer
 from ..llama import LlamaConfig
 from ..training import cli, cpu_dtype
 from .backbones import GRID, load_split, split_cells, train_loop
-from .lm import LM_CONFIG, greedy_answer, new_llama
+from .lm import CONV_MODE, LM_CONFIG, greedy_answer, new_llama
 from .teacher import PLACES_BY_NAME, normalize_answer, read_record, scene_in_words
 from .world import COLORS, POSITIONS, SHAPES
 
@@ -130,7 +131,9 @@ def captioning(stage1_dir, data, limit=50):
     """Does stage 1 align? The frozen LM + W (a stage-1 output) captions held-out images of one shape, greedy, in the
     template stage 1 trained with: the share that name the shape's colour first and its kind first, and how many
     different captions there are (one for every image: the captions do not depend on the image). The control: the same
-    frozen LM asked for the caption with the same scenes told in words instead, in its own chat template."""
+    frozen LM asked for the caption with the same scenes told in words instead, in its own chat template; and with
+    each scene's words ("a small red circle in the center") summed into one token where the image goes, the most a
+    W could hand the LM in one token per cell if the LM read tokens as it reads words."""
     cfg = json.loads((Path(stage1_dir) / "projector_config.json").read_text())
     model = build_llava(cfg["vision"], cfg["llm"], cfg["projector_type"], stage1_dir).eval()
     tok, conv_mode = Tokenizer(cfg["llm"]), cfg.get("conv_mode", "plain")
@@ -142,12 +145,34 @@ def captioning(stage1_dir, data, limit=50):
     brief = "Provide a brief description of the given image."
     in_words = [greedy_answer(model.language_model, tok, f"{scene_in_words(r, random.Random(r['id']))} {brief}", 24)
                 for r in records]
+    lm, E = model.language_model, model.language_model.model.embed_tokens.weight
+    ids = prompt_ids(tok, CONV_MODE, f"<image>\n{brief}")
+    at = ids.index(IMAGE_TOKEN_INDEX)
+    one_token = []
+    for r in records:
+        o = read_record(r)[0][0]
+        token = E[tok.encode(f"a {o.size} {o.name} {o.where}")].sum(0, keepdim=True)       # (1, D)
+        x = torch.cat([E[ids[:at]], token, E[ids[at + 1:]]])[None]                           # (1, T, D)
+        one_token.append(tok.decode(greedy_from_embeddings(lm, x, tok.eos_id, 24)))
     out = {"images": len(records)}
-    for name, texts in (("from_W", captions), ("scene_in_words", in_words)):
+    for name, texts in (("from_W", captions), ("scene_in_words", in_words), ("words_summed_in_one_token", one_token)):
         named = [names_first(text, read_record(r)[0][0]) for r, text in zip(records, texts)]
         out[name] = {"colour_named_right": round(100 * sum(c for c, _ in named) / len(named), 1),
                      "kind_named_right": round(100 * sum(k for _, k in named) / len(named), 1),
                      "different_captions": len(set(texts)), "examples": texts[:3]}
+    return out
+
+
+@torch.no_grad()
+def greedy_from_embeddings(lm, x, eos_id, max_new_tokens):
+    """Greedy token ids after the embeddings x (1, T, D), without a cache (short prompts only)."""
+    out = []
+    for _ in range(max_new_tokens):
+        token = lm.lm_head(lm.model(x))[0, -1].argmax().item()
+        if token == eos_id:
+            break
+        out.append(token)
+        x = torch.cat([x, lm.model.embed_tokens.weight[token][None, None]], 1)
     return out
 
 
