@@ -77,18 +77,25 @@ def train_tokenizer(world, out_file, vocab_size=VOCAB_SIZE):
 
 @torch.no_grad()
 def greedy_answer(lm, tok, question, max_new_tokens=80):
-    """Greedy decoding through the static KV cache: the prompt once, then one token per step."""
-    ids = prompt_ids(tok, CONV_MODE, question)
-    cache = KVCache(lm.config, 1, len(ids) + max_new_tokens, "cpu", torch.float32)
-    logits = lm(torch.tensor([ids]), cache=cache)[:, -1]          # (1, V)
+    """The LM's greedy answer to one question in its chat template."""
+    ids = torch.tensor([prompt_ids(tok, CONV_MODE, question)])                     # (1, T)
+    return tok.decode(greedy_ids(lm, lm.model.embed_tokens(ids), tok.eos_id, max_new_tokens))
+
+
+@torch.no_grad()
+def greedy_ids(lm, x, eos_id, max_new_tokens):
+    """Greedy decoding after the embeddings x (1, T, D) through the static KV cache: the prompt once, then one
+    token per step. Returns the new token ids."""
+    cache = KVCache(lm.config, 1, x.shape[1] + max_new_tokens, "cpu", torch.float32)
+    logits = lm.lm_head(lm.model(x, cache=cache))[:, -1]          # (1, V)
     out = []
     for _ in range(max_new_tokens):
         token = logits.argmax(-1)                                 # (1,)
-        if token.item() == tok.eos_id:
+        if token.item() == eos_id:
             break
         out.append(token.item())
         logits = lm(token[:, None], cache=cache)[:, -1]
-    return tok.decode(out)
+    return out
 
 
 def lm_loss(lm, ids, labels):

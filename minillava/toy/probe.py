@@ -66,7 +66,7 @@ from ..tokenizer import Tokenizer
 from ..llama import LlamaConfig
 from ..training import cli, cpu_dtype
 from .backbones import GRID, load_split, split_cells, train_loop
-from .lm import CONV_MODE, LM_CONFIG, greedy_answer, new_llama
+from .lm import CONV_MODE, LM_CONFIG, greedy_answer, greedy_ids, new_llama
 from .teacher import PLACES_BY_NAME, normalize_answer, read_record, scene_in_words
 from .world import COLORS, POSITIONS, SHAPES
 
@@ -153,26 +153,13 @@ def captioning(stage1_dir, data, limit=50):
         o = read_record(r)[0][0]
         token = E[tok.encode(f"a {o.size} {o.name} {o.where}")].sum(0, keepdim=True)       # (1, D)
         x = torch.cat([E[ids[:at]], token, E[ids[at + 1:]]])[None]                           # (1, T, D)
-        one_token.append(tok.decode(greedy_from_embeddings(lm, x, tok.eos_id, 24)))
+        one_token.append(tok.decode(greedy_ids(lm, x, tok.eos_id, 24)))
     out = {"images": len(records)}
     for name, texts in (("from_W", captions), ("scene_in_words", in_words), ("words_summed_in_one_token", one_token)):
         named = [names_first(text, read_record(r)[0][0]) for r, text in zip(records, texts)]
         out[name] = {"colour_named_right": round(100 * sum(c for c, _ in named) / len(named), 1),
                      "kind_named_right": round(100 * sum(k for _, k in named) / len(named), 1),
                      "different_captions": len(set(texts)), "examples": texts[:3]}
-    return out
-
-
-@torch.no_grad()
-def greedy_from_embeddings(lm, x, eos_id, max_new_tokens):
-    """Greedy token ids after the embeddings x (1, T, D), without a cache (short prompts only)."""
-    out = []
-    for _ in range(max_new_tokens):
-        token = lm.lm_head(lm.model(x))[0, -1].argmax().item()
-        if token == eos_id:
-            break
-        out.append(token)
-        x = torch.cat([x, lm.model.embed_tokens.weight[token][None, None]], 1)
     return out
 
 
