@@ -137,15 +137,14 @@ def captioning(stage1_dir, data, limit=50):
     cfg = json.loads((Path(stage1_dir) / "projector_config.json").read_text())
     model = build_llava(cfg["vision"], cfg["llm"], cfg["projector_type"], stage1_dir).eval()
     tok, conv_mode = Tokenizer(cfg["llm"]), cfg.get("conv_mode", "plain")
-    prompt = "<image>" if conv_mode == "plain" else "<image>\nProvide a brief description of the given image."
+    lm, E = model.language_model, model.language_model.model.embed_tokens.weight
+    brief = "Provide a brief description of the given image."
+    prompt = "<image>" if conv_mode == "plain" else f"<image>\n{brief}"
     records = [r for r in map(json.loads, (Path(data) / "caps_boxes_test.jsonl").open())
                if len(r["instances"]) == 1][:limit]
     items = [{"prompt": prompt, "image": Path(data) / "images" / r["image"]} for r in records]
     captions = generate_answers(model, tok, conv_mode, items, max_new_tokens=24)
-    brief = "Provide a brief description of the given image."
-    in_words = [greedy_answer(model.language_model, tok, f"{scene_in_words(r, random.Random(r['id']))} {brief}", 24)
-                for r in records]
-    lm, E = model.language_model, model.language_model.model.embed_tokens.weight
+    in_words = [greedy_answer(lm, tok, f"{scene_in_words(r, random.Random(r['id']))} {brief}", 24) for r in records]
     ids = prompt_ids(tok, CONV_MODE, f"<image>\n{brief}")
     at = ids.index(IMAGE_TOKEN_INDEX)
     one_token = []
