@@ -1,11 +1,11 @@
 """A rule-based stand-in for GPT-4 (paper section 3) that writes the toy world's instruction data.
 
-Like GPT-4 in the paper, the teacher never sees pixels: it reads the symbolic caps_boxes record (captions + one box
-per object) and writes the three response types: conversation, detailed description and complex reasoning. It also
-writes stage-1 caption records, "places" lists (every shape with its cell: LLaVA-1.5's region-level data in
-miniature), "quiz" records (every shape asked about in the bench's short form: its VQA data), text-only records (the
-scene told in words, for LM pretraining and the ShareGPT-like share of stage 2) and the held-out benchmark. Answers
-follow fixed patterns so a tiny model can learn them; questions only ask what the record answers for certain.
+Like GPT-4 in the paper, the teacher never sees pixels: it reads the symbolic caps_boxes record (captions +
+one box per object) and writes the three response types: conversation, detailed description and complex
+reasoning. It also writes stage-1 caption records, "places" lists (every shape with its cell: LLaVA-1.5's
+region-level data in miniature), text-only records (the scene told in words, for LM pretraining and the
+ShareGPT-like share of stage 2) and the held-out benchmark. Answers follow fixed patterns so a tiny model
+can learn them; questions only ask what the record answers for certain.
 """
 import math
 import random
@@ -23,7 +23,7 @@ SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 PAPER_MIX = {"conversation": 58, "detail": 23, "complex": 77}
 PAPER_IMAGES = 80
 TEXT_ONLY_FRACTION = 0.05  # share of text-only records in instruct.json (mix665k's ShareGPT part)
-QUIZ_FRACTION = 0.8        # "quiz" records per image record (mix665k's short-answer VQA part, see quiz())
+PLACES_FRACTION = 0.2      # "places" records per image record (mix665k's region-level part, see places())
 BENCH_CATEGORIES = ["count", "color", "shape", "position", "relation"]
 INTROS = ["Picture this: {}.", "Imagine an image with {}.", "Suppose a picture shows {}.", "Consider an image containing {}."]
 
@@ -58,7 +58,8 @@ def read_record(record):
     return objs, background
 
 
-be = lambda n: "is" if n == 1 else "are"   # "there is one shape", "there are two shapes"
+def be(n):
+    return "is" if n == 1 else "are"
 
 
 def the_list(objs):  # "the red circle, the blue square and the green diamond"
@@ -104,9 +105,12 @@ def q_relation(objs, rng):
 
 
 def q_count_kind(objs, rng):
-    by_color = rng.random() < 0.5  # a colour or a shape that may be absent: "0" is definite too
-    kind = rng.choice(list(COLORS) if by_color else SHAPES)
-    n, noun = sum(kind in (o.color, o.shape) for o in objs), kind + " shape" if by_color else kind
+    if rng.random() < 0.5:  # a colour or a shape that may be absent: "0" is definite too
+        kind = rng.choice(list(COLORS))
+        n, noun = sum(o.color == kind for o in objs), kind + " shape"
+    else:
+        kind = rng.choice(SHAPES)
+        n, noun = sum(o.shape == kind for o in objs), kind
     return f"How many {noun}s are there?", str(n), f"There {be(n)} {count(n, noun)} in the image."
 
 
@@ -142,10 +146,11 @@ def conversation(objs, rng, short):
 
 
 # ---------------------------------------------------------------- places: every shape and its cell
-# mix665k's region-level data (RefCOCO, Visual Genome) in miniature, the toy stage 2's first part: every shape
-# with its place and every place with its shape, in a new order each time, so a list is written only by finding
-# the token a name points at. The place follows the name directly ("red circle top left."): so learned, the lookup
-# carries over to questions (`python -m minillava.toy.probe --lookup-task`). Lists 3 and 4 name kinds alone.
+# LLaVA-1.5's mix665k adds region-level data (RefCOCO, Visual Genome) that pairs objects with where they
+# are. The toy stand-in lists every shape with its place, and every place with its shape, in a new order
+# each time, so a list is written only by finding the token each name points at. The place follows the
+# name directly ("red circle top left."): `python -m minillava.toy.probe --lookup-task` shows the lookup
+# learned so carries over to questions; with a ":" between, it does not. Lists 3 and 4 name kinds alone.
 PLACES_BY_NAME = "List every shape with its place in the image, as shape then place."  # also the probe's question
 PLACE_LISTS = [(PLACES_BY_NAME, "name", "position"),
                ("List what is in each occupied part of the image, as place then shape.", "position", "name"),
@@ -157,18 +162,6 @@ def places(objs, rng):
     listing = lambda a, b: ". ".join(f"{getattr(o, a)} {getattr(o, b)}" for o in rng.sample(objs, len(objs))) + "."
     pairs = [(question, listing(a, b)) for question, a, b in PLACE_LISTS]   # a new order for each list
     return rng.sample(pairs, len(pairs))
-
-
-# ---------------------------------------------------------------- quiz: every shape, asked in the bench's form
-# mix665k's short-answer VQA (VQAv2, GQA) in miniature: one record asks about every shape of an image with two or
-# more, in a new order, each by one of the bench's binding questions (where it is, or the colour or the kind at its
-# place): the lookup the lists teach, carried over to the bench's framing (docs/toy-world.md).
-QUIZ_QUESTIONS = [q_position, q_color, q_shape]
-
-
-def quiz(objs, rng):
-    return [(question + SHORT_ANSWER, answer) for question, answer, _ in
-            (rng.choice(QUIZ_QUESTIONS)([o], rng) for o in rng.sample(objs, len(objs)))]
 
 
 # ---------------------------------------------------------------- detailed description
@@ -233,9 +226,12 @@ def r_round(objs, rng):
     angular = [o for o in objs if o.shape != "circle"]
     r, a = len(round_), len(angular)
     group = lambda g, noun: count(len(g), noun) + (f" ({the_list(g)})" if g else "")
-    end = (f"{NUMBER_WORDS[r].capitalize()} is more than {NUMBER_WORDS[a]}, so yes, there are more round shapes than" if r > a else
-           f"Both numbers are {NUMBER_WORDS[r]}, so no, there are as many round shapes as" if r == a else
-           f"{NUMBER_WORDS[r].capitalize()} is fewer than {NUMBER_WORDS[a]}, so no, there are fewer round shapes than") + " angular ones."
+    if r > a:
+        end = f"{NUMBER_WORDS[r].capitalize()} is more than {NUMBER_WORDS[a]}, so yes, there are more round shapes than angular ones."
+    elif r == a:
+        end = f"Both numbers are {NUMBER_WORDS[r]}, so no, there are as many round shapes as angular ones."
+    else:
+        end = f"{NUMBER_WORDS[r].capitalize()} is fewer than {NUMBER_WORDS[a]}, so no, there are fewer round shapes than angular ones."
     return ("Are there more round shapes than angular ones?",
             "Circles are round, while squares, triangles and diamonds have corners, so they are angular. "
             f"The image has {group(round_, 'round shape')} and {group(angular, 'angular shape')}. {end}")
@@ -285,8 +281,8 @@ def respond(kind, record, rng):
         return [(rng.choice(DETAILED_DESCRIPTION), describe(objs, background))]
     if kind == "complex":
         return [reason(objs, rng)]
-    if kind in ("places", "quiz"):
-        return {"places": places, "quiz": quiz}[kind](objs, rng)
+    if kind == "places":
+        return places(objs, rng)
     short = {"short": True, "full": False, "conversation": rng.random() < 0.5}[kind]
     return conversation(objs, rng, short)
 
@@ -300,17 +296,21 @@ def scene_in_words(record, rng):
 
 def make_record(kind, record, rid, rng, text_only=False):
     """One LLaVA JSON record; an image record puts <image> before or after the first question."""
+    pairs = respond(kind, record, rng)
     conversations = []
-    for k, (question, answer) in enumerate(respond(kind, record, rng)):
+    for k, (question, answer) in enumerate(pairs):
         if k == 0 and text_only:
             question = f"{scene_in_words(record, rng)} {question}"
         elif k == 0:  # the paper randomly puts the image first or last
             question = f"{IMAGE_PLACEHOLDER}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_PLACEHOLDER}"
         conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-    return {"id": rid, **({} if text_only else {"image": record["image"]}), "conversations": conversations}
+    out = {"id": rid} if text_only else {"id": rid, "image": record["image"]}
+    out["conversations"] = conversations
+    return out
 
 
-def record_rng(seed, rid):   # seeded by the record's id (str seeds hash with SHA-512): reproducible alone
+def record_rng(seed, rid):
+    # Seeded by the record's id (str seeds hash with SHA-512): each record is reproducible alone.
     return random.Random(f"{seed}/{rid}")
 
 
@@ -323,30 +323,30 @@ def text_only_records(records, seed, per_scene=5):
     """Records with the scene told in words instead of an image (no `image`, no <image>): `per_scene`
     per scene, cycling through short and full-sentence conversations, a detailed description, a complex
     question and a caption, so that an LM trained on them alone learns the world's language and chat."""
-    kinds, out = ["short", "full", "detail", "complex", "brief"], []
+    kinds = ["short", "full", "detail", "complex", "brief"]
+    out = []
     for r in records:
         order = random.Random(f"{seed}/lm/{r['id']}").sample(kinds, len(kinds))
-        out += [make_record(order[j % len(kinds)], r, f"{r['id']}-lm-{j}", record_rng(seed, f"{r['id']}-lm-{j}"),
-                            text_only=True) for j in range(per_scene)]
+        for j in range(per_scene):
+            rid = f"{r['id']}-lm-{j}"
+            out.append(make_record(order[j % len(kinds)], r, rid, record_rng(seed, rid), text_only=True))
     return out
 
 
-def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRACTION, quiz_fraction=QUIZ_FRACTION):
-    """Stage 2 (like llava_instruct_158k + a little of mix665k's short-answer and text-only data), shuffled:
+def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRACTION, places_fraction=PLACES_FRACTION):
+    """Stage 2 (like llava_instruct_158k + a little of mix665k's region-level and text-only data), shuffled:
     conversation, detailed and complex-reasoning records in the paper's 58:23:77 proportion per 80 images
-    (times `scale`), each on a random image; `quiz_fraction` as many quiz records, on images with two or more
-    shapes; then `text_only_fraction` of the total as text-only records."""
+    (times `scale`), each on a random image; `places_fraction` as many "places" records; then
+    `text_only_fraction` of the total as text-only records."""
     plan = {kind: round(len(records) * per_80 / PAPER_IMAGES * scale) for kind, per_80 in PAPER_MIX.items()}
-    plan["quiz"] = round(sum(plan.values()) * quiz_fraction)
+    plan["places"] = round(sum(plan.values()) * places_fraction)
     plan["text"] = round(sum(plan.values()) * text_only_fraction / (1 - text_only_fraction))
-    several = [r for r in records if len(r["instances"]) > 1]   # a lone shape needs no binding
     out = []
     for kind, n in plan.items():
-        pool = several if kind == "quiz" else records
-        order = random.Random(f"{seed}/{kind}").sample(range(len(pool)), len(pool))
-        for j in range(n if pool else 0):
-            r = pool[order[j % len(pool)]]  # each image once before any image twice
-            rid = f"{r['id']}-{kind}-{j // len(pool)}"
+        order = random.Random(f"{seed}/{kind}").sample(range(len(records)), len(records))
+        for j in range(n if records else 0):
+            r = records[order[j % len(records)]]  # each image once before any image twice
+            rid = f"{r['id']}-{kind}-{j // len(records)}"
             rng = record_rng(seed, rid)
             if kind == "text":  # the scene told in words instead of shown
                 out.append(make_record(rng.choice(list(PAPER_MIX)), r, rid, rng, text_only=True))
@@ -356,10 +356,10 @@ def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRAC
     return out
 
 
-def places_records(records, seed, per_image=2, described=1.0):
+def places_records(records, seed, per_image=2, described=0.5):
     """The toy stage 2's first part (README), shuffled: places records (all four lists), each image `per_image`
     times, where the LM learns to find the token a name points at; and detailed descriptions of a `described`
-    share of the images: with the lists alone (or half the images described), W let colour fade from H_v."""
+    share of the images: with the lists alone, W let colour fade from H_v and the model stopped reading it."""
     out = [make_record("places", r, f"{r['id']}-lists-{k}", record_rng(seed, f"{r['id']}-lists-{k}"))
            for k in range(per_image) for r in records]
     out += [make_record("detail", r, f"{r['id']}-detail", record_rng(seed, f"{r['id']}-detail"))
