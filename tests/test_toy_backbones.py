@@ -194,6 +194,15 @@ def test_lookup_task_command_runs_only_the_framings_asked(capsys):
         probe.main(["--lookup-task", "2", "--framing", "nonsense"])
 
 
+def test_lookup_task_command_passes_learning_rate_and_seed(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(probe, "lookup_task", lambda phases, **kw: seen.append(kw) or {"2_objects": 0.0})
+    probe.main(["--lookup-task", "2", "--framing", "bare", "--lr", "1.25e-4", "--seed", "3"])
+    assert seen == [{"seed": 3, "lr": 1.25e-4}]
+    probe.main(["--lookup-task", "2", "--framing", "bare"])                  # defaults: stage 2's rate, seed 0
+    assert seen[1] == {"seed": 0, "lr": 5e-4}
+
+
 def test_probe_command_reports_reading_and_probes(toy, tmp_path, capsys):
     build_llava(toy / "clip", toy / "llm").save_pretrained(tmp_path / "llava", toy / "llm" / "tokenizer.model")
     probe.main(["--model", str(tmp_path / "llava"), "--data", str(toy), "--questions", "10", "--images", "64"])

@@ -33,7 +33,7 @@ If (2) is high and (1) and (3) are low, the image features carry the answer and 
      32 random tokens followed by the same 32 again; printed: the loss on the repeat every 50 steps
      (ln 997 = 6.9 is guessing; near 0 is copying, the skill LLaVA asks of its LM).
   --lookup-task N: why the LM does not pick the shape a question names. Fresh toy-shaped LMs trained
-     (32 rows, stage 2's toy learning rate) on the bench's position question reduced to its bones, with
+     (32 rows, peak learning rate 5e-4 unless --lr) on the bench's position question reduced to its bones, with
      perfect visual tokens: 9 tokens, one per cell, each naming its object's colour, shape and cell (or an
      empty cell), then a colour token and a shape token; the target is the named object's cell. Framings,
      N steps each unless said: bare; 1 filler token between the name and the answer; 14 there, where the
@@ -45,7 +45,8 @@ If (2) is high and (1) and (3) are low, the image features carry the answer and 
      object in a random order as its colour, its shape, its cell, "."), without and with a ":" after the name.
      Printed: the accuracy in the last framing trained, on fresh rows with 2, 3 and 4 objects (chance 1/2,
      1/3, 1/4), and what reading the shape word alone gives (a guess among the objects of the named kind).
-     --framing PREFIX (repeatable) runs only the framings whose printed name starts with PREFIX.
+     --framing PREFIX (repeatable) runs only the framings whose printed name starts with PREFIX; --seed
+     sets the LMs' init and rows (default 0).
 """
 import argparse
 import json
@@ -292,7 +293,7 @@ def list_rows(batch_size, before, after, g, colon):
             torch.tensor([lab + [-100] * (T - len(lab)) for lab in labels]))
 
 
-def lookup_task(phases, batch_size=32, seed=0, test_rows=600):
+def lookup_task(phases, batch_size=32, seed=0, test_rows=600, lr=5e-4):
     """Accuracy (%) with 2, 3, 4 objects of a fresh LM of the toy shape trained on lookup_rows in each of
     `phases`, [(before, after, steps)] in turn, scored in the framing of the last phase. A phase
     (before, after, steps, "list") or (..., "list:") trains on places lists instead (list_rows; ":" after each name)."""
@@ -307,7 +308,7 @@ def lookup_task(phases, batch_size=32, seed=0, test_rows=600):
                 return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
             ids, targets, _ = lookup_rows(batch_size, before, after, g)
             return F.cross_entropy(lm(ids)[:, -1].float(), targets)            # the answer after the last token
-        train_loop(list(lm.parameters()), loss_fn, steps, 5e-4, (0.9, 0.95), cpu_dtype(), f"lookup {before}/{after}", False)
+        train_loop(list(lm.parameters()), loss_fn, steps, lr, (0.9, 0.95), cpu_dtype(), f"lookup {before}/{after}", False)
     ids, targets, n_objects = lookup_rows(test_rows, before, after, torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         right = lm.eval()(ids)[:, -1].argmax(-1) == targets
@@ -343,6 +344,8 @@ def main(argv=None):
     p.add_argument("--lookup-task", type=int, metavar="N", help="train fresh LMs about N steps each on a bare lookup in 8 framings instead")
     p.add_argument("--framing", action="append",
                    help="with --lookup-task: only the framings whose name starts with this (repeatable)")
+    p.add_argument("--lr", type=float, default=5e-4, help="with --lookup-task: peak learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="with --lookup-task: the LMs' init and rows (default: %(default)s)")
     args = p.parse_args(argv)
     if args.lookup_task:
         runs = {name: phases for name, phases in lookup_framings(args.lookup_task).items()
@@ -350,7 +353,7 @@ def main(argv=None):
         if not runs:
             names = list(lookup_framings(args.lookup_task))
             raise SystemExit(f"error: no framing starts with {args.framing}; the framings: {names}")
-        print(json.dumps({name: lookup_task(phases) for name, phases in runs.items()}, indent=1))
+        print(json.dumps({name: lookup_task(phases, seed=args.seed, lr=args.lr) for name, phases in runs.items()}, indent=1))
         return
     if args.stage1:
         print(json.dumps(captioning(args.stage1, args.data), indent=1))
