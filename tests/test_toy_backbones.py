@@ -2,6 +2,7 @@
 same seed -> same weights."""
 import json
 import random
+import re
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from minillava.constants import IMAGE_TOKEN_INDEX
 from minillava.conversation import prompt_ids
 from minillava.saving import save_projector
 from minillava.tokenizer import Tokenizer
-from minillava.toy import backbones, lm, probe, teacher
+from minillava.toy import attention, backbones, lm, probe, teacher
 from minillava.toy.__main__ import main
 
 ARGS = ["--n-train", "64", "--n-test", "16", "--clip-steps", "6", "--lm-steps", "20", "--no-progress"]
@@ -228,3 +229,39 @@ def test_places_list_scoring_counts_each_shape_named_with_its_own_place():
     # The probe asks the teacher's own question, so the model is asked what stage 2 trained it on.
     questions = {q for q, _ in teacher.places(objs, random.Random(0))}
     assert probe.PLACES_BY_NAME is teacher.PLACES_BY_NAME and teacher.PLACES_BY_NAME in questions
+
+
+def test_attention_weights_reproduce_what_the_layer_computes():
+    from minillava.llama import LlamaAttention, LlamaConfig, rope_cos_sin
+    cfg = LlamaConfig(vocab_size=10, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)   # GQA
+    torch.manual_seed(0)
+    attn = LlamaAttention(cfg, 0)
+    x = torch.randn(2, 7, 32)
+    cos, sin = rope_cos_sin(cfg, torch.arange(7).expand(2, 7), x.dtype)
+    w = attention.attention_weights(attn, x, cos, sin)                          # (2, 4, 7, 7)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 4, 7)) and (w.triu(1) == 0).all()
+    v = attn.v_proj(x).view(2, 7, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)   # (2, 4, 7, 8)
+    y = attn.o_proj((w @ v).transpose(1, 2).reshape(2, 7, 32))
+    assert torch.allclose(y, attn(x, cos, sin, None, None), atol=1e-5)
+
+
+def test_target_cell_is_the_place_named_or_answered():
+    ask = teacher.SHORT_ANSWER
+    assert attention.target_cell({"category": "position", "text": "Where is the red circle?" + ask,
+                                  "answer": "top left"}) == 0
+    assert attention.target_cell({"category": "color", "text": "What color is the shape in the top left?" + ask,
+                                  "answer": "red"}) == 0
+    assert attention.target_cell({"category": "shape", "text": "What shape is on the left?" + ask,
+                                  "answer": "circle"}) == 3
+    assert attention.target_cell({"category": "color", "text": "What color is the shape at the bottom?" + ask,
+                                  "answer": "red"}) == 7
+
+
+def test_attention_command_reports_every_layer_and_head(toy, tmp_path, capsys):
+    build_llava(toy / "clip", toy / "llm").save_pretrained(tmp_path / "llava", toy / "llm" / "tokenizer.model")
+    attention.main(["--model", str(tmp_path / "llava"), "--data", str(toy), "--questions", "3"])
+    out = capsys.readouterr().out
+    layers = [line for line in out.splitlines() if line.strip().startswith("layer ")]
+    categories = [line for line in out.splitlines() if "images with 2+ shapes" in line]
+    assert categories and len(layers) == len(categories) * lm.LM_CONFIG["num_hidden_layers"]
+    assert all(len(re.findall(r"\bh\d+ -\d+ ", line)) == lm.LM_CONFIG["num_attention_heads"] for line in layers)
