@@ -265,3 +265,8 @@ def test_attention_command_reports_every_layer_and_head(toy, tmp_path, capsys):
     categories = [line for line in out.splitlines() if "images with 2+ shapes" in line]
     assert categories and len(layers) == len(categories) * lm.LM_CONFIG["num_hidden_layers"]
     assert all(len(re.findall(r"\bh\d+ -\d+ ", line)) == lm.LM_CONFIG["num_attention_heads"] for line in layers)
+
+
+def test_attention_command_names_a_missing_bench_file(tmp_path):
+    with pytest.raises(SystemExit, match="bench.jsonl: no such file"):
+        attention.main(["--model", str(tmp_path / "none"), "--data", str(tmp_path)])

@@ -17,7 +17,6 @@ Scaled dot-product attention does not return its weights, so they are recomputed
 attention layer's input, with the layer's own projections and RoPE: the same numbers, spelled out.
 """
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from ..constants import IMAGE_TOKEN_INDEX
 from ..conversation import prompt_ids
+from ..eval.common import EvalError, read_jsonl
 from ..image import open_image, preprocess
 from ..llama import LlamaAttention, apply_rope
 from ..llava import LLaVA
@@ -64,16 +64,16 @@ def readable(piece):
 @torch.no_grad()
 def looking(model_dir, data, n_questions=150):
     """{category: {layer: [(offset from the end, token, target, other) per head]}}, see the module docstring."""
+    bench = read_jsonl(Path(data) / "bench.jsonl", "the toy bench; build the world with python -m minillava.toy")
+    boxes = {r["image"]: r for r in read_jsonl(Path(data) / "caps_boxes_test.jsonl", "the toy world's boxes")}
     model = LLaVA.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = Tokenizer(model_dir)
     layers = [m for m in model.language_model.modules() if isinstance(m, LlamaAttention)]
     weights = {}                                              # layer index -> (1, nh, T, T) of the last forward
     hooks = [a.register_forward_pre_hook(lambda a, args: weights.__setitem__(
         a.layer_idx, attention_weights(a, *args[:3]))) for a in layers]
-    boxes = {r["image"]: r for r in map(json.loads, open(Path(data) / "caps_boxes_test.jsonl"))}
     pairs, tokens, counts = {}, {}, {}                         # pairs: (cat, layer) -> [(2, nh, T_after)]
-    for line in open(Path(data) / "bench.jsonl"):
-        q = json.loads(line)
+    for q in bench:
         cat = q["category"]
         occupied = cell_labels([boxes[q["image"]]])[0].nonzero().flatten().tolist()
         if cat not in ("color", "shape", "position") or len(occupied) < 2 or counts.get(cat, 0) >= n_questions:
@@ -82,7 +82,8 @@ def looking(model_dir, data, n_questions=150):
         others = [c for c in occupied if c != target]
         ids = torch.tensor(prompt_ids(tok, model.config.conv_mode, "<image>\n" + q["text"]))
         p = (ids == IMAGE_TOKEN_INDEX).nonzero().item()        # the 9 visual tokens are positions p .. p + 8
-        image = preprocess(open_image(Path(data) / "images" / q["image"]), model.config.vision.image_size, pad=True)
+        image = preprocess(open_image(Path(data) / "images" / q["image"]), model.config.vision.image_size,
+                           pad=model.config.image_aspect_ratio == "pad")
         model(ids[None], image[None])
         text_after = ids[p + 1:].tolist()                       # the prompt after the image, as token ids
         for layer, w in weights.items():
@@ -111,7 +112,10 @@ def main(argv=None):
     p.add_argument("--data", default="data/toy", help="the toy world (default: %(default)s)")
     p.add_argument("--questions", type=int, default=150, help="questions per category (default: %(default)s)")
     args = p.parse_args(argv)
-    result, counts = looking(args.model, args.data, args.questions)
+    try:
+        result, counts = looking(args.model, args.data, args.questions)
+    except EvalError as e:
+        raise SystemExit(f"error: {e}") from None
     for cat, by_layer in result.items():
         print(f"\n{cat} ({counts[cat]} questions, images with 2+ shapes): per head, the most selective "
               "position (from the end), its token, weight on the target / on each other shape")
