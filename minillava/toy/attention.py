@@ -70,8 +70,9 @@ def looking(model_dir, data, n_questions=150):
     tok = Tokenizer(model_dir)
     layers = [m for m in model.language_model.modules() if isinstance(m, LlamaAttention)]
     weights = {}                                              # layer index -> (1, nh, T, T) of the last forward
-    hooks = [a.register_forward_pre_hook(lambda a, args: weights.__setitem__(
-        a.layer_idx, attention_weights(a, *args[:3]))) for a in layers]
+    def keep(layer, args):                                    # args = (x, cos, sin, mask, cache)
+        weights[layer.layer_idx] = attention_weights(layer, *args[:3])
+    hooks = [layer.register_forward_pre_hook(keep) for layer in layers]
     pairs, tokens, counts = {}, {}, {}                         # pairs: (cat, layer) -> [(2, nh, T_after)]
     for q in bench:
         cat = q["category"]
