@@ -13,6 +13,7 @@ from minillava import LLaVA
 from minillava.checkpoint import build_llava
 from minillava.constants import IMAGE_TOKEN_INDEX
 from minillava.conversation import prompt_ids
+from minillava.eval.common import EvalError
 from minillava.saving import save_projector
 from minillava.tokenizer import Tokenizer
 from minillava.toy import attention, backbones, lm, probe, teacher
@@ -255,6 +256,8 @@ def test_target_cell_is_the_place_named_or_answered():
                                   "answer": "circle"}) == 3
     assert attention.target_cell({"category": "color", "text": "What color is the shape at the bottom?" + ask,
                                   "answer": "red"}) == 7
+    with pytest.raises(EvalError, match="bench question 5: no place"):
+        attention.target_cell({"question_id": 5, "category": "color", "text": "What color is it?", "answer": "red"})
 
 
 def test_attention_command_reports_every_layer_and_head(toy, tmp_path, capsys):

@@ -54,7 +54,7 @@ def target_cell(question):
     for place, phrase in sorted(PHRASES.items(), key=lambda kv: -len(kv[1])):   # "in the top left" before "left"
         if text.endswith(phrase + "?"):
             return POSITIONS.index(place)
-    raise ValueError(f"no place in the bench question {text!r}")
+    raise EvalError(f"bench question {question.get('question_id')}: no place in {text!r}")
 
 
 def readable(piece):
