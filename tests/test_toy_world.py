@@ -133,7 +133,8 @@ def test_record_mix(built):
     paper = {"conversation": round(N_TRAIN * 58 / 80), "detail": round(N_TRAIN * 23 / 80), "complex": round(N_TRAIN * 77 / 80)}
     places = round(sum(paper.values()) * 0.2)                         # 9 on 24 images
     text = round((sum(paper.values()) + places) * 0.05 / 0.95)         # 3: 5% of all records
-    assert {k: kinds.count(k) for k in set(kinds)} == {**paper, "places": places, "text": text}
+    quiz = sum(len(r["instances"]) > 1 for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl")))
+    assert {k: kinds.count(k) for k in set(kinds)} == {**paper, "places": places, "text": text, "quiz": quiz}
     with open(os.path.join(built, "pretrain.json")) as f:
         caps = {r["id"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
         for r in json.load(f):
@@ -170,6 +171,33 @@ def test_places_records_pair_every_shape_with_its_cell_in_shuffled_order(built):
             assert dict(pairs) == where and len(pairs) == len(where)      # every shape once, at its cell
             orders.add([name for name, _ in pairs] == sorted(where, key=lambda n: world.POSITIONS.index(where[n])))
     assert orders == {True, False}        # sometimes reading order, sometimes not: the list must be read by name
+
+
+def test_quiz_asks_about_every_shape_once_as_the_bench_asks(built):
+    caps = {r["image"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
+    with open(os.path.join(built, "instruct.json")) as f:
+        records = [r for r in json.load(f) if r["id"].endswith("-quiz")]
+    assert sorted(r["image"] for r in records) == sorted(i for i, r in caps.items() if len(r["instances"]) > 1)
+    kinds = set()
+    for r in records:
+        objs, _ = teacher.read_record(caps[r["image"]])
+        by_place = {o.where: o for o in objs}
+        turns = [t["value"].replace(IMAGE_PLACEHOLDER, "").strip() for t in r["conversations"]]
+        asked = []
+        for question, answer in zip(turns[::2], turns[1::2]):
+            assert question.endswith(SHORT_ANSWER)
+            name = re.fullmatch(r"Where is the (\w+ \w+)\?", question[:-len(SHORT_ANSWER)])
+            place = re.fullmatch(r"What (color|shape) is (?:the shape )?(.+)\?", question[:-len(SHORT_ANSWER)])
+            if name:
+                o = next(o for o in objs if o.name == name[1])
+                assert answer == o.position
+            else:
+                o = by_place[place[2]]
+                assert answer == getattr(o, place[1])
+            kinds.add("position" if name else place[1])
+            asked.append(o)
+        assert sorted(map(id, asked)) == sorted(map(id, objs))          # every shape once
+    assert kinds == {"position", "color", "shape"}
 
 
 def test_splits_share_no_image(built):

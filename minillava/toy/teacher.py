@@ -1,11 +1,11 @@
 """A rule-based stand-in for GPT-4 (paper section 3) that writes the toy world's instruction data.
 
-Like GPT-4 in the paper, the teacher never sees pixels: it reads the symbolic caps_boxes record (captions +
-one box per object) and writes the three response types: conversation, detailed description and complex
-reasoning. It also writes stage-1 caption records, "places" lists (every shape with its cell: LLaVA-1.5's
-region-level data in miniature), text-only records (the scene told in words, for LM pretraining and the
-ShareGPT-like share of stage 2) and the held-out benchmark. Answers follow fixed patterns so a tiny model
-can learn them; questions only ask what the record answers for certain.
+Like GPT-4 in the paper, the teacher never sees pixels: it reads the symbolic caps_boxes record (captions + one
+box per object) and writes the three response types: conversation, detailed description and complex reasoning.
+It also writes stage-1 captions, "places" lists and a "quiz" (LLaVA-1.5's region-level and short-answer data in
+miniature), text-only records (the scene told in words, for LM pretraining and the ShareGPT-like share of stage 2)
+and the held-out benchmark. Answers follow fixed patterns a tiny model can learn; questions ask only what the
+record answers for certain.
 """
 import math
 import random
@@ -19,8 +19,7 @@ from .world import (BACKGROUNDS, COLORS, NUMBER_WORDS, PHRASES, POSITIONS, SHAPE
 
 # LLaVA-1.5's suffix for short-answer data (VQAv2, GQA, ... in mix665k) and for its benchmarks.
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
-# llava_instruct_158k: 58K conversation + 23K detailed + 77K complex reasoning on ~80K images.
-PAPER_MIX = {"conversation": 58, "detail": 23, "complex": 77}
+PAPER_MIX = {"conversation": 58, "detail": 23, "complex": 77}  # llava_instruct_158k: thousands, on ~80K images
 PAPER_IMAGES = 80
 TEXT_ONLY_FRACTION = 0.05  # share of text-only records in instruct.json (mix665k's ShareGPT part)
 PLACES_FRACTION = 0.2      # "places" records per image record (mix665k's region-level part, see places())
@@ -145,12 +144,12 @@ def conversation(objs, rng, short):
     return pairs
 
 
-# ---------------------------------------------------------------- places: every shape and its cell
-# LLaVA-1.5's mix665k adds region-level data (RefCOCO, Visual Genome) that pairs objects with where they
-# are. The toy stand-in lists every shape with its place, and every place with its shape, in a new order
-# each time, so a list is written only by finding the token each name points at. The place follows the
-# name directly ("red circle top left."): `python -m minillava.toy.probe --lookup-task` shows the lookup
-# learned so carries over to questions; with a ":" between, it does not. Lists 3 and 4 name kinds alone.
+# ---------------------------------------------------------------- places and quiz: every shape and its cell
+# LLaVA-1.5's mix665k adds region-level data (RefCOCO, Visual Genome) pairing objects with where they are.
+# The toy lists every shape with its place, and every place with its shape, in a new order each time, so a
+# list is written only by finding the token each name points at; the place follows the name directly ("red
+# circle top left."), as `python -m minillava.toy.probe --lookup-task` shows the lookup needs. Lists 3 and 4
+# name kinds alone. The quiz asks the bench's questions about every shape (mix665k's short-answer VQA).
 PLACES_BY_NAME = "List every shape with its place in the image, as shape then place."  # also the probe's question
 PLACE_LISTS = [(PLACES_BY_NAME, "name", "position"),
                ("List what is in each occupied part of the image, as place then shape.", "position", "name"),
@@ -162,6 +161,12 @@ def places(objs, rng):
     listing = lambda a, b: ". ".join(f"{getattr(o, a)} {getattr(o, b)}" for o in rng.sample(objs, len(objs))) + "."
     pairs = [(question, listing(a, b)) for question, a, b in PLACE_LISTS]   # a new order for each list
     return rng.sample(pairs, len(pairs))
+
+
+def quiz(objs, rng):
+    """LLaVA-1.5's short-answer VQA in miniature: every shape in turn asked one of the bench's binding questions."""
+    asks = [rng.choice([q_color, q_shape, q_position])([o], rng) for o in rng.sample(objs, len(objs))]
+    return [(question + SHORT_ANSWER, short) for question, short, _ in asks]
 
 
 # ---------------------------------------------------------------- detailed description
@@ -281,8 +286,8 @@ def respond(kind, record, rng):
         return [(rng.choice(DETAILED_DESCRIPTION), describe(objs, background))]
     if kind == "complex":
         return [reason(objs, rng)]
-    if kind == "places":
-        return places(objs, rng)
+    if kind in ("places", "quiz"):  # LLaVA-1.5's region-level and short-answer data, in miniature
+        return (places if kind == "places" else quiz)(objs, rng)
     short = {"short": True, "full": False, "conversation": rng.random() < 0.5}[kind]
     return conversation(objs, rng, short)
 
@@ -304,13 +309,10 @@ def make_record(kind, record, rid, rng, text_only=False):
         elif k == 0:  # the paper randomly puts the image first or last
             question = f"{IMAGE_PLACEHOLDER}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_PLACEHOLDER}"
         conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-    out = {"id": rid} if text_only else {"id": rid, "image": record["image"]}
-    out["conversations"] = conversations
-    return out
+    return {"id": rid, **({} if text_only else {"image": record["image"]}), "conversations": conversations}
 
 
-def record_rng(seed, rid):
-    # Seeded by the record's id (str seeds hash with SHA-512): each record is reproducible alone.
+def record_rng(seed, rid):  # seeded by the record's id (str seeds hash with SHA-512): reproducible alone
     return random.Random(f"{seed}/{rid}")
 
 
@@ -324,20 +326,17 @@ def text_only_records(records, seed, per_scene=5):
     per scene, cycling through short and full-sentence conversations, a detailed description, a complex
     question and a caption, so that an LM trained on them alone learns the world's language and chat."""
     kinds = ["short", "full", "detail", "complex", "brief"]
-    out = []
-    for r in records:
-        order = random.Random(f"{seed}/lm/{r['id']}").sample(kinds, len(kinds))
-        for j in range(per_scene):
-            rid = f"{r['id']}-lm-{j}"
-            out.append(make_record(order[j % len(kinds)], r, rid, record_rng(seed, rid), text_only=True))
-    return out
+    order = {r["id"]: random.Random(f"{seed}/lm/{r['id']}").sample(kinds, len(kinds)) for r in records}
+    rid = lambda r, j: f"{r['id']}-lm-{j}"
+    return [make_record(order[r["id"]][j % len(kinds)], r, rid(r, j), record_rng(seed, rid(r, j)), text_only=True)
+            for r in records for j in range(per_scene)]
 
 
 def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRACTION, places_fraction=PLACES_FRACTION):
     """Stage 2 (like llava_instruct_158k + a little of mix665k's region-level and text-only data), shuffled:
     conversation, detailed and complex-reasoning records in the paper's 58:23:77 proportion per 80 images
     (times `scale`), each on a random image; `places_fraction` as many "places" records; then
-    `text_only_fraction` of the total as text-only records."""
+    `text_only_fraction` of the total as text-only records; and a "quiz" record per image of 2+ shapes."""
     plan = {kind: round(len(records) * per_80 / PAPER_IMAGES * scale) for kind, per_80 in PAPER_MIX.items()}
     plan["places"] = round(sum(plan.values()) * places_fraction)
     plan["text"] = round(sum(plan.values()) * text_only_fraction / (1 - text_only_fraction))
@@ -352,14 +351,15 @@ def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRAC
                 out.append(make_record(rng.choice(list(PAPER_MIX)), r, rid, rng, text_only=True))
             else:
                 out.append(make_record(kind, r, rid, rng))
+    out += [make_record("quiz", r, f"{r['id']}-quiz", record_rng(seed, f"{r['id']}-quiz"))
+            for r in records if len(r["instances"]) > 1]
     random.Random(f"{seed}/instruct").shuffle(out)
     return out
 
 
 def places_records(records, seed, per_image=2, described=0.5):
-    """The toy stage 2's first part (README), shuffled: places records (all four lists), each image `per_image`
-    times, where the LM learns to find the token a name points at; and detailed descriptions of a `described`
-    share of the images: with the lists alone, W let colour fade from H_v and the model stopped reading it."""
+    """The toy stage 2's first part (README), shuffled: the four places lists of each image `per_image` times, and
+    descriptions of a `described` share of the images (with lists alone W let colour fade from H_v)."""
     out = [make_record("places", r, f"{r['id']}-lists-{k}", record_rng(seed, f"{r['id']}-lists-{k}"))
            for k in range(per_image) for r in records]
     out += [make_record("detail", r, f"{r['id']}-detail", record_rng(seed, f"{r['id']}-detail"))
