@@ -55,6 +55,17 @@ def test_llm_folder_has_a_llama_tokenizer_matching_the_embeddings(toy):
     assert config["num_key_value_heads"] < config["num_attention_heads"]      # GQA
 
 
+def test_tokenizer_reads_only_the_lm_text_so_stage_2_data_does_not_redraw_it(toy, tmp_path):
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "lm_corpus.json").write_text((toy / "lm_corpus.json").read_text())
+    (world / "instruct.json").write_text('[{"id": "x", "conversations": [{"from": "human", "value": "zebra"}]}]')
+    lm.train_tokenizer(world, tmp_path / "a.model")
+    (world / "instruct.json").write_text((toy / "instruct.json").read_text())
+    lm.train_tokenizer(world, tmp_path / "b.model")
+    assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
+
+
 def test_backbones_load_through_build_llava_and_from_parts(toy):
     model = build_llava(toy / "clip", toy / "llm")
     again = LLaVA.from_parts(str(toy / "clip"), str(toy / "llm"), projector_type="linear")

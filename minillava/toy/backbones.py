@@ -49,7 +49,7 @@ GRID = CLIP_CONFIG.image_size // CLIP_CONFIG.patch_size
 # and the cell is what the bench's colour and shape questions look a shape up by (cell 3.0 -> 6.0: README).
 # Colour 1.0 -> 4.0 (20% of an occupied token's variance, was 14%): with 1.0, places lists alone lost colour (README).
 AUX_WEIGHTS = (4.0, 5.0, 6.0)   # colour, shape, cell
-BACKBONES_VERSION = 4   # bumped when the recipe changes, so that `python -m minillava.toy` rebuilds old backbones
+BACKBONES_VERSION = 5   # bumped when the recipe changes, so that `python -m minillava.toy` rebuilds old backbones
 
 # ---------------------------------------------------------------- shared training pieces
 

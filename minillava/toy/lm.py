@@ -50,14 +50,13 @@ def new_llama(cfg):
 
 def tokenizer_corpus(world):
     """The text the tokenizer learns from: every chat the LM trains on, rendered in the template
-    (so "USER", "ASSISTANT" and the system prompt get their own pieces), plus stage 2's turns (so
-    the later stages write nothing new). Lines are cut at "</s>" (a special token, not text) and at
-    newlines (which, as in LLaMA, are always the byte <0x0A>)."""
+    (so "USER", "ASSISTANT" and the system prompt get their own pieces), and nothing of stage 2's
+    data, as LLaMA's tokenizer predates LLaVA's (so changing instruct.json does not redraw the LM;
+    a word the LM never read is spelt in smaller pieces). Lines are cut at "</s>" (a special token,
+    not text) and at newlines (which, as in LLaMA, are always the byte <0x0A>)."""
     lines = []
     for record in json.loads((Path(world) / "lm_corpus.json").read_text()):
         lines += render(CONV_MODE, [t["value"] for t in record["conversations"]]).split("</s>")
-    for record in json.loads((Path(world) / "instruct.json").read_text()):
-        lines += [t["value"].replace("<image>", "") for t in record["conversations"]]
     return [line for text in lines for line in text.split("\n") if line.strip()]
 
 
