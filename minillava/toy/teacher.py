@@ -20,7 +20,8 @@ from .world import (BACKGROUNDS, COLORS, NUMBER_WORDS, PHRASES, POSITIONS, SHAPE
 # LLaVA-1.5's suffix for short-answer data (VQAv2, GQA, ... in mix665k) and for its benchmarks.
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 PAPER_MIX = {"conversation": 58, "detail": 23, "complex": 77}  # llava_instruct_158k: thousands, on ~80K images
-PAPER_IMAGES = 80
+PAPER_IMAGES, PAPER_SCALE = 80, 0.5  # the toy writes half as many per image (~1), to leave time for the quiz
+QUIZ_PER_IMAGE = 2         # quiz records per training image of 2+ shapes (mix665k's short-answer VQA, see quiz())
 TEXT_ONLY_FRACTION = 0.05  # share of text-only records in instruct.json (mix665k's ShareGPT part)
 PLACES_FRACTION = 0.2      # "places" records per image record (mix665k's region-level part, see places())
 BENCH_CATEGORIES = ["count", "color", "shape", "position", "relation"]
@@ -332,11 +333,10 @@ def text_only_records(records, seed, per_scene=5):
             for r in records for j in range(per_scene)]
 
 
-def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRACTION, places_fraction=PLACES_FRACTION):
-    """Stage 2 (like llava_instruct_158k + a little of mix665k's region-level and text-only data), shuffled:
-    conversation, detailed and complex-reasoning records in the paper's 58:23:77 proportion per 80 images
-    (times `scale`), each on a random image; `places_fraction` as many "places" records; then
-    `text_only_fraction` of the total as text-only records; and a "quiz" record per image of 2+ shapes."""
+def instruct_records(records, seed, scale=PAPER_SCALE, text_only_fraction=TEXT_ONLY_FRACTION, places_fraction=PLACES_FRACTION):
+    """Stage 2 (like llava_instruct_158k + a little of mix665k's region-level, short-answer and text-only data),
+    shuffled: conversation, detailed and complex-reasoning records, 58:23:77 x `scale` per 80 images, each on a random
+    image; `places_fraction` as many "places"; `text_only_fraction` text-only; QUIZ_PER_IMAGE quizzes per 2+ shapes."""
     plan = {kind: round(len(records) * per_80 / PAPER_IMAGES * scale) for kind, per_80 in PAPER_MIX.items()}
     plan["places"] = round(sum(plan.values()) * places_fraction)
     plan["text"] = round(sum(plan.values()) * text_only_fraction / (1 - text_only_fraction))
@@ -351,8 +351,8 @@ def instruct_records(records, seed, scale=1.0, text_only_fraction=TEXT_ONLY_FRAC
                 out.append(make_record(rng.choice(list(PAPER_MIX)), r, rid, rng, text_only=True))
             else:
                 out.append(make_record(kind, r, rid, rng))
-    out += [make_record("quiz", r, f"{r['id']}-quiz", record_rng(seed, f"{r['id']}-quiz"))
-            for r in records if len(r["instances"]) > 1]
+    out += [make_record("quiz", r, f"{r['id']}-quiz{k}", record_rng(seed, f"{r['id']}-quiz{k}"))
+            for k in range(QUIZ_PER_IMAGE) for r in records if len(r["instances"]) > 1]
     random.Random(f"{seed}/instruct").shuffle(out)
     return out
 

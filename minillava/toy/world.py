@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-VERSION = 6
+VERSION = 7
 IMAGE_SIZE = 64   # drawn at 64x64 px; the tiny CLIP resizes to 72 px and cuts 24 px patches, one per grid cell
 SUPERSAMPLE = 4   # shapes are drawn at 4x and averaged down: smooth, exactly-known edges
 
@@ -318,7 +318,7 @@ def build_world(out_dir, n_train=4000, n_test=200, seed=0, progress=True):
 
     kinds = {}
     for r in files["instruct.json"]:
-        kind = r["id"].split("-")[1]
+        kind = r["id"].split("-")[1].rstrip("0123456789")   # quiz0, quiz1 -> quiz
         kinds[kind] = kinds.get(kind, 0) + 1
     info = {"version": VERSION, "seed": seed, "image_size": IMAGE_SIZE,
             "n_train": n_train, "n_test": n_test, "shapes": SHAPES, "colors": list(COLORS),
