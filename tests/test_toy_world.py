@@ -130,8 +130,9 @@ def test_record_mix(built):
         assert all("image" not in r for r in json.load(f))
     with open(os.path.join(built, "instruct.json")) as f:
         kinds = [r["id"].split("-")[1].rstrip("01") for r in json.load(f)]          # quiz0, quiz1 -> quiz
-    paper = {k: round(N_TRAIN * per_80 / 80 / 2) for k, per_80 in (("conversation", 58), ("detail", 23), ("complex", 77))}
-    places = round(sum(paper.values()) * 0.2)                         # 5 on 24 images: half the paper's 158 per 80
+    paper = {k: round(N_TRAIN * per_80 / 80 / 2) for k, per_80 in  # half the paper's 158 per 80 images
+             (("conversation", 58), ("detail", 23), ("complex", 77))}
+    places = round(sum(paper.values()) * 0.2)                         # 5 on 24 images
     text = round((sum(paper.values()) + places) * 0.05 / 0.95)         # 2: 5% of all records
     quiz = 2 * sum(len(r["instances"]) > 1 for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl")))
     assert {k: kinds.count(k) for k in set(kinds)} == {**paper, "places": places, "text": text, "quiz": quiz}
