@@ -21,7 +21,7 @@ from .world import (BACKGROUNDS, COLORS, NUMBER_WORDS, PHRASES, POSITIONS, SHAPE
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 PAPER_MIX = {"conversation": 58, "detail": 23, "complex": 77}  # llava_instruct_158k: thousands, on ~80K images
 PAPER_IMAGES, PAPER_SCALE = 80, 0.5  # the toy writes half as many per image (~1), to leave time for the quiz
-QUIZ_PER_IMAGE = 2         # quiz records per training image of 2+ shapes (mix665k's short-answer VQA, see quiz())
+QUIZ_PER_IMAGE = 3         # quiz records per training image of 2+ shapes (mix665k's short-answer VQA, see quiz())
 TEXT_ONLY_FRACTION = 0.05  # share of text-only records in instruct.json (mix665k's ShareGPT part)
 PLACES_FRACTION = 0.2      # "places" records per image record (mix665k's region-level part, see places())
 BENCH_CATEGORIES = ["count", "color", "shape", "position", "relation"]

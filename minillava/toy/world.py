@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-VERSION = 7
+VERSION = 8
 IMAGE_SIZE = 64   # drawn at 64x64 px; the tiny CLIP resizes to 72 px and cuts 24 px patches, one per grid cell
 SUPERSAMPLE = 4   # shapes are drawn at 4x and averaged down: smooth, exactly-known edges
 
