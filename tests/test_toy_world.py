@@ -134,7 +134,8 @@ def test_record_mix(built):
              (("conversation", 58), ("detail", 23), ("complex", 77))}
     places = round(sum(paper.values()) * 0.2)                         # 5 on 24 images
     text = round((sum(paper.values()) + places) * 0.05 / 0.95)         # 2: 5% of all records
-    quiz = teacher.QUIZ_PER_IMAGE * sum(len(r["instances"]) > 1 for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl")))
+    several = sum(len(r["instances"]) > 1 for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl")))
+    quiz = teacher.QUIZ_PER_IMAGE * several                           # quizzes per image of 2+ shapes
     assert {k: kinds.count(k) for k in set(kinds)} == {**paper, "places": places, "text": text, "quiz": quiz}
     with open(os.path.join(built, "pretrain.json")) as f:
         caps = {r["id"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
@@ -179,7 +180,8 @@ def test_the_quizzes_ask_about_every_shape_once_as_the_bench_asks(built):
     with open(os.path.join(built, "instruct.json")) as f:
         records = [r for r in json.load(f) if re.search(r"-quiz\d$", r["id"])]
     several = [i for i, r in caps.items() if len(r["instances"]) > 1]
-    assert teacher.QUIZ_PER_IMAGE > 1 and sorted(r["image"] for r in records) == sorted(several * teacher.QUIZ_PER_IMAGE)
+    assert teacher.QUIZ_PER_IMAGE > 1
+    assert sorted(r["image"] for r in records) == sorted(several * teacher.QUIZ_PER_IMAGE)
     kinds, drawn = set(), {}
     for r in records:
         objs, _ = teacher.read_record(caps[r["image"]])
