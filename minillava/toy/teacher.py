@@ -147,10 +147,10 @@ def conversation(objs, rng, short):
 
 # ---------------------------------------------------------------- places and quiz: every shape and its cell
 # LLaVA-1.5's mix665k adds region-level data (RefCOCO, Visual Genome) pairing objects with where they are.
-# The toy lists every shape with its place, and every place with its shape, in a new order each time; the
-# place follows the name directly ("red circle top left."), as `python -m minillava.toy.probe --lookup-task`
-# shows the lookup needs. Lists 3 and 4 name kinds alone. All four share one record, so a later list can be
-# copied from an earlier one (the tiny LM does: docs/toy-world.md, "Why part 1 does not teach the lookup"). The quiz asks the bench's questions about every shape (mix665k's short-answer VQA).
+# The toy lists every shape with its place, and every place with its shape, in a new order each time; the place
+# follows the name directly ("red circle top left."), as `python -m minillava.toy.probe --lookup-task` shows the lookup
+# needs. Lists 3 and 4 name kinds alone. The four share one record, so a later list can be copied from an earlier one
+# (docs/toy-world.md, "Why part 1 does not teach the lookup"). The quiz asks the bench's questions (short-answer VQA).
 PLACES_BY_NAME = "List every shape with its place in the image, as shape then place."  # also the probe's question
 PLACE_LISTS = [(PLACES_BY_NAME, "name", "position"),
                ("List what is in each occupied part of the image, as place then shape.", "position", "name"),
