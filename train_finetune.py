@@ -21,6 +21,7 @@ import torch
 
 from minillava import LLaVA
 from minillava import training as T
+from minillava.plot import plot_loss
 from minillava.saving import save_llava
 from minillava.data import LLaVADataset, check_images, load_records
 from minillava.tokenizer import Tokenizer
@@ -125,10 +126,9 @@ def main(argv=None):
         model.vision_tower.float()                           # publish fp32 weights, as loaded
         save_llava(model, args.out, tok.file, state={k: v.float() for k, v in state.items()})
         T.write_json(os.path.join(args.out, "train_args.json"), {**vars(args), "total_steps": total})
-        T.plot_loss(log.rows, os.path.join(args.out, "loss.png"), "stage 2 (W + LLM)")
+        plot_loss(log.rows, os.path.join(args.out, "loss.png"), "stage 2 (W + LLM)")
         print(f"saved LLaVA to {args.out} (chat: python chat.py --model {args.out}); loss curve {args.out}/loss.png")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    T.finish_distributed()
     return model
 
 

@@ -19,6 +19,7 @@ import torch
 
 from minillava import LLaVA
 from minillava import training as T
+from minillava.plot import plot_loss
 from minillava.saving import save_projector
 from minillava.data import LLaVADataset, check_images, load_records
 from minillava.tokenizer import Tokenizer
@@ -97,10 +98,9 @@ def main(argv=None):
     if T.rank() == 0:
         save_projector(model, args.out, {"vision": args.vision, "llm": args.llm, "conv_mode": args.conv_mode})
         T.write_json(os.path.join(args.out, "train_args.json"), {**vars(args), "total_steps": total})
-        T.plot_loss(log.rows, os.path.join(args.out, "loss.png"), "stage 1 (W only)")
+        plot_loss(log.rows, os.path.join(args.out, "loss.png"), "stage 1 (W only)")
         print(f"saved W to {args.out}/projector.safetensors; loss curve {args.out}/loss.png")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    T.finish_distributed()
     return model
 
 
