@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+from PIL import Image
 
 import train_finetune
 import train_pretrain
@@ -20,6 +21,7 @@ from minillava.saving import save_clip, save_llama
 from minillava.clip import CLIPVisionConfig, CLIPVisionTransformer
 from minillava.data import DataError, LLaVADataset, load_records
 from minillava.llama import LlamaConfig, LlamaForCausalLM
+from minillava.plot import plot_loss
 from minillava.tokenizer import Tokenizer
 from minillava.toy import build_world
 
@@ -62,6 +64,7 @@ def test_stage1_trains_only_W_and_stage2_never_touches_clip(world, tmp_path):
     for name, p in m1.named_parameters():
         same = torch.equal(p.detach().float(), fresh.state_dict()[name])
         assert same != name.startswith("multi_modal_projector."), name     # W changed, nothing else did
+    assert Image.open(tmp_path / "s1" / "loss.png").size == (640, 360)
     state = torch.load(tmp_path / "s1" / "trainer_state.pt", weights_only=True)
     assert set(state["model"]) == {n for n, _ in m1.multi_modal_projector.named_parameters(prefix="multi_modal_projector")}
     m2 = train_finetune.main(flags(world, tmp_path / "s2", "instruct.json", projector=tmp_path / "s1",
@@ -218,3 +221,12 @@ def test_too_long_conversations_are_truncated_with_a_named_warning(world, tmp_pa
     r = run(flags(world, tmp_path / "short", "instruct.json", projector="none",
                   **{"max-steps": 1, "batch-size": 8, "micro-batch-size": 8, "max-length": 300}))
     assert "is longer than --max-length; truncated" in r.stderr + r.stdout
+
+
+def test_loss_curve_draws_the_raw_and_the_smoothed_loss(tmp_path):
+    rows = [{"step": i + 1, "loss": 5.0 / (i + 1)} for i in range(40)]
+    plot_loss(rows, tmp_path / "loss.png", "stage 1 (W only)")
+    colours = {c for _, c in Image.open(tmp_path / "loss.png").convert("RGB").getcolors(maxcolors=1 << 16)}
+    assert {(190, 190, 190), (30, 90, 200)} <= colours          # the raw curve in gray, its average in blue
+    plot_loss(rows[:1], tmp_path / "one.png", "one step")
+    assert not (tmp_path / "one.png").exists()                   # a single point is no curve
