@@ -52,6 +52,11 @@ def test_llm_folder_has_a_llama_tokenizer_matching_the_embeddings(toy):
     assert tok.vocab_size == config["vocab_size"] == V and D == config["hidden_size"]
     assert (tok.sp.unk_id(), tok.bos_id, tok.eos_id, tok.sp.pad_id()) == (0, 1, 2, -1)   # LLaMA's ids
     assert tok.sp.encode("12\n", out_type=str) == ["▁", "1", "2", "<0x0A>"]   # digits split, byte fallback
+    # The world's words are pieces of their own, and no other piece holds one: a name is always two tokens.
+    pieces = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    assert all("▁" + w in pieces for w in lm.KEPT_WORDS)
+    assert not [p for p in pieces if p[1:] not in lm.KEPT_WORDS and set(p.split("▁")[1:]) & set(lm.KEPT_WORDS)]
+    assert tok.sp.encode("Where is the red square?", out_type=str)[-3:] == ["▁red", "▁square", "?"]
     assert config["num_key_value_heads"] < config["num_attention_heads"]      # GQA
 
 

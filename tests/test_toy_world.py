@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import random
 import re
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 from minillava.constants import IMAGE_PLACEHOLDER
 from minillava.data import validate_record
 from minillava.prompts import BRIEF_DESCRIPTION
-from minillava.toy import teacher, world
+from minillava.toy import reasoning, teacher, world
 from minillava.toy.teacher import SHORT_ANSWER, normalize_answer
 
 N_TRAIN, N_TEST = 24, 12
@@ -134,9 +135,15 @@ def test_record_mix(built):
              (("conversation", 58), ("detail", 23), ("complex", 77))}
     places = round(sum(paper.values()) * 0.2)                         # 5 on 24 images
     text = round((sum(paper.values()) + places) * 0.05 / 0.95)         # 2: 5% of all records
-    several = sum(len(r["instances"]) > 1 for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl")))
+    colors = [[i["category"].split()[0] for i in r["instances"]] for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))]
+    several = sum(len(c) > 1 for c in colors)
     quiz = teacher.QUIZ_PER_IMAGE * several                           # quizzes per image of 2+ shapes
-    assert {k: kinds.count(k) for k in set(kinds)} == {**paper, "places": places, "text": text, "quiz": quiz}
+    twins = sum(len(set(c)) < len(c) for c in colors)                 # images where two shapes share a colour
+    named = [[i["category"].split() for i in r["instances"]] for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))]
+    alone = sum(len(n) > 1 and any([c for c, _ in n].count(c) == 1 or [k for _, k in n].count(k) == 1 for c, k in n)
+                for n in named)                                       # images where one word names a shape
+    assert {k: kinds.count(k) for k in set(kinds)} == {**paper, "places": places, "text": text, "quiz": quiz,
+                                                       "kinds": several, "twins": twins, "alone": alone}
     with open(os.path.join(built, "pretrain.json")) as f:
         caps = {r["id"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
         for r in json.load(f):
@@ -148,7 +155,7 @@ def test_record_mix(built):
 def test_places_records_pair_every_shape_with_its_cell_in_shuffled_order(built):
     caps = {r["image"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
     with open(os.path.join(built, "instruct.json")) as f:
-        records = [r for r in json.load(f) if r["id"].split("-")[1] == "places"]
+        records = [r for r in json.load(f) if r["id"].split("-")[1] in ("places", "kinds")]
     with open(os.path.join(built, "places.json")) as f:
         first_part = json.load(f)                    # the toy stage 2's first part: lists of every image twice,
     lists_alone = [r for r in first_part if "-lists-" in r["id"]]          # and half the images described
@@ -163,11 +170,15 @@ def test_places_records_pair_every_shape_with_its_cell_in_shuffled_order(built):
         where = {i["category"]: world.grid_position(i["bbox"]) for i in caps[r["image"]]["instances"]}
         for question, answer in zip(*[iter(t["value"] for t in r["conversations"])] * 2):
             items = [item.split() for item in answer.rstrip(".").split(". ")]
+            if "as kind, colour, then place" in question:                # "square red top left"
+                named = [(f"{w[1]} {w[0]}", " ".join(w[2:])) for w in items]
+                assert sorted(named) == sorted(where.items())
+                continue
             first, width = "place" if "as place then" in question else "name", 1 if "kind" in question else 2
             # "red circle top left": the name is two words, the place the rest; a kind alone is one word
             pairs = [(" ".join(w[:width]), " ".join(w[width:])) if first == "name" else
                      (" ".join(w[-width:]), " ".join(w[:-width])) for w in items]
-            if "kind" in question:                                        # the kind alone, "square top"
+            if "kind" in question:                                        # the kind alone, "top square"
                 assert sorted(pairs) == sorted((name.split()[1], place) for name, place in where.items())
                 continue
             assert dict(pairs) == where and len(pairs) == len(where)      # every shape once, at its cell
@@ -206,6 +217,43 @@ def test_the_quizzes_ask_about_every_shape_once_as_the_bench_asks(built):
     assert any(len(set(map(str, quizzes))) > 1 for quizzes in drawn.values())  # an image's quizzes are new draws
 
 
+def test_twins_ask_where_every_shape_that_shares_its_color_is(built):
+    caps = {r["image"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
+    with open(os.path.join(built, "instruct.json")) as f:
+        records = [r for r in json.load(f) if r["id"].endswith("-twins")]
+    assert records
+    for r in records:
+        objs, _ = teacher.read_record(caps[r["image"]])
+        shared = {o.name: o.position for o in objs if [p.color for p in objs].count(o.color) > 1}
+        turns = [t["value"].replace(IMAGE_PLACEHOLDER, "").strip() for t in r["conversations"]]
+        asked = {re.fullmatch(r"Where is the (\w+ \w+)\?", q[:-len(SHORT_ANSWER)])[1]: a for q, a in zip(turns[::2], turns[1::2])}
+        assert asked == shared and len(turns) == 2 * len(shared)       # each of them once, at its cell
+
+
+def test_alone_asks_where_every_shape_one_word_names_is(built):
+    caps = {r["image"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
+    with open(os.path.join(built, "instruct.json")) as f:
+        records = [r for r in json.load(f) if r["id"].endswith("-alone")]
+    forms = set()
+    for r in records:
+        objs, _ = teacher.read_record(caps[r["image"]])
+        turns = [t["value"].replace(IMAGE_PLACEHOLDER, "").strip() for t in r["conversations"]]
+        asked = []
+        for question, answer in zip(turns[::2], turns[1::2]):
+            word = re.fullmatch(r"Where is the (\w+)(?: shape)?\?", question[:-len(SHORT_ANSWER)])[1]
+            o, = [o for o in objs if word in (o.color, o.shape)]      # the one shape that word names
+            assert answer == o.position and question.endswith(SHORT_ANSWER)
+            forms.add("kind" if word in world.SHAPES else "color")
+            asked.append(o)
+        named = [o for o in objs if [p.shape for p in objs].count(o.shape) == 1 or
+                 [p.color for p in objs].count(o.color) == 1]
+        assert sorted(map(id, asked)) == sorted(map(id, named))        # each such shape once
+    assert forms == {"kind", "color"}
+    objs, _ = teacher.read_record({"captions": ["on a plain light gray background"], "instances": [
+        {"category": "red circle", "bbox": [0.05, 0.05, 0.25, 0.25]}, {"category": "red circle", "bbox": [0.4, 0.7, 0.6, 0.9]}]})
+    assert teacher.alone(objs, random.Random(0)) == []                  # no word names one of two red circles
+
+
 def test_splits_share_no_image(built):
     digests = {split: {hashlib.sha1(data).hexdigest() for data in read_tree(os.path.join(built, "images", split)).values()}
                for split in ("train", "test")}
@@ -230,7 +278,7 @@ def test_round_versus_angular_answers_count_and_conclude_right():
     for shapes, end in [(objs, "Both numbers are one, so no, there are as many round shapes as angular ones."),
                         (objs[:1], "One is more than zero, so yes, there are more round shapes than angular ones."),
                         (objs[1:], "Zero is fewer than one, so no, there are fewer round shapes than angular ones.")]:
-        assert teacher.r_round(shapes, None)[1].endswith(end)
+        assert reasoning.r_round(shapes, None)[1].endswith(end)
 
 
 def test_bench_answers_agree_with_caps_boxes(built):

@@ -27,6 +27,7 @@ from ..tokenizer import Tokenizer
 from ..training import cpu_dtype, mixed_precision
 from .backbones import loss_curve, train_loop
 from .teacher import SHORT_ANSWER, normalize_answer
+from .world import COLORS, SHAPES, SIZES
 
 # LLaMA in miniature: GQA as in TinyLlama (4 query heads share 2 key/value heads), SwiGLU width
 # ~8/3 D as in LLaMA. Two layers, as copying from the context (what LLaVA asks of its LM) comes far sooner:
@@ -36,6 +37,10 @@ LM_CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, nu
                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 VOCAB_SIZE = 1000       # the toy world has ~220 distinct words: 1000 pieces make most of them one token
 CONV_MODE = "vicuna_v1"  # the template LLaVA-1.5 trains with: the LM learns the exact chat format
+# The world's words, each kept as one piece; the rest may merge across spaces into phrases ("▁Where▁is▁the"), so
+# that a name's words stand next to each other and each is a token of its own (docs/toy-world.md, "The names as words
+# and the rest in phrases"). A phrase piece can hold no name, so a name is never hidden inside a larger token.
+KEPT_WORDS = [*COLORS, *SIZES, *SHAPES, "top", "bottom", "left", "right", "center"]  # the last five: POSITIONS' words
 
 
 def new_llama(cfg):
@@ -69,7 +74,8 @@ def train_tokenizer(world, out_file, vocab_size=VOCAB_SIZE):
         vocab_size=vocab_size, hard_vocab_limit=False,           # a tiny world may offer fewer pieces
         byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
         normalization_rule_name="identity", character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        split_by_whitespace=False, user_defined_symbols=["▁" + w for w in KEPT_WORDS])
     Path(out_file).write_bytes(model.getvalue())
     return Tokenizer(out_file)
 

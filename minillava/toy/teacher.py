@@ -2,18 +2,18 @@
 
 Like GPT-4 in the paper, the teacher never sees pixels: it reads the symbolic caps_boxes record (captions + one
 box per object) and writes the three response types: conversation, detailed description and complex reasoning.
-It also writes stage-1 captions, "places" lists and a "quiz" (LLaVA-1.5's region-level and short-answer data in
-miniature), text-only records (the scene told in words, for LM pretraining and the ShareGPT-like share of stage 2)
+It also writes stage-1 captions, "places" and "kinds" lists and "quiz", "twins" and "alone" questions (LLaVA-1.5's
+region-level and short-answer data in miniature), text-only records (the scene told in words, for LM pretraining and the ShareGPT-like share of stage 2)
 and the held-out benchmark. Answers follow fixed patterns a tiny model can learn; questions ask only what the
 record answers for certain.
 """
-import math
 import random
 import re
 from dataclasses import dataclass
 
 from ..constants import IMAGE_PLACEHOLDER
 from ..prompts import BRIEF_DESCRIPTION, DETAILED_DESCRIPTION
+from .reasoning import reason
 from .world import (BACKGROUNDS, COLORS, NUMBER_WORDS, PHRASES, POSITIONS, SHAPES,
                     SIZE_THRESHOLD, count, grid_position, join_words)
 
@@ -60,10 +60,6 @@ def read_record(record):
 
 def be(n):
     return "is" if n == 1 else "are"
-
-
-def the_list(objs):  # "the red circle, the blue square and the green diamond"
-    return join_words([f"the {o.name}" for o in objs])
 
 
 # ---------------------------------------------------------------- conversation questions
@@ -149,19 +145,44 @@ def conversation(objs, rng, short):
 # LLaVA-1.5's mix665k adds region-level data (RefCOCO, Visual Genome) pairing objects with where they are.
 # The toy lists every shape with its place, and every place with its shape, in a new order each time; the place
 # follows the name directly ("red circle top left."), as `python -m minillava.toy.probe --lookup-task` shows the lookup
-# needs. Lists 3 and 4 name kinds alone. The four share one record, so a later list can be copied from an earlier one
-# (docs/toy-world.md, "Why part 1 does not teach the lookup"). The quiz asks the bench's questions (short-answer VQA).
+# needs. List 3 puts the colour after the kind ("square red top left."), so that the kind word, too, must find its
+# shape; list 4 names kinds alone. The four share one record, so a later list can be copied from an earlier one
+# (docs/toy-world.md, "Why part 1 does not teach the lookup"). The quiz asks the bench's questions (short-answer VQA);
+# "kinds" records hold list 3 alone, "twins" ask where each shape that shares its colour is, and "alone" where each
+# shape is that its kind or its colour alone names (records of their own: nothing to copy from).
+KIND_LIST = "List the kind of every shape with its colour and place, as kind, colour, then place."
 PLACES_BY_NAME = "List every shape with its place in the image, as shape then place."  # also the probe's question
 PLACE_LISTS = [(PLACES_BY_NAME, "name", "position"),
                ("List what is in each occupied part of the image, as place then shape.", "position", "name"),
-               ("List the kind of every shape with its place, as kind then place.", "shape", "position"),
+               (KIND_LIST, "shape", "color", "position"),
                ("List the kind of shape in each occupied part of the image, as place then kind.", "position", "shape")]
 
 
+def place_list(objs, rng, question, *fields):  # fields ("shape", "color", "position") -> "square red top left. ..."
+    return question, ". ".join(" ".join(getattr(o, f) for f in fields) for o in rng.sample(objs, len(objs))) + "."
+
+
 def places(objs, rng):
-    listing = lambda a, b: ". ".join(f"{getattr(o, a)} {getattr(o, b)}" for o in rng.sample(objs, len(objs))) + "."
-    pairs = [(question, listing(a, b)) for question, a, b in PLACE_LISTS]   # a new order for each list
+    pairs = [place_list(objs, rng, *fields) for fields in PLACE_LISTS]   # a new order for each list
     return rng.sample(pairs, len(pairs))
+
+
+def twins(objs, rng):
+    """Where is each shape that shares its color with another: the color word alone cannot place it."""
+    shared = [o for o in objs if [p.color for p in objs].count(o.color) > 1]
+    return [(q_position([o], rng)[0] + SHORT_ANSWER, o.position) for o in rng.sample(shared, len(shared))]
+
+
+def alone(objs, rng):
+    """Where is each shape that one word names, its kind or its colour ("Where is the square?", "Where is the red
+    shape?"): the answer must follow that word's lookup alone."""
+    pairs = []
+    for o in rng.sample(objs, len(objs)):
+        forms = [f"the {o.shape}"] * ([p.shape for p in objs].count(o.shape) == 1)
+        forms += [f"the {o.color} shape"] * ([p.color for p in objs].count(o.color) == 1)
+        if forms:
+            pairs.append((f"Where is {rng.choice(forms)}?{SHORT_ANSWER}", o.position))
+    return pairs
 
 
 def quiz(objs, rng):
@@ -196,86 +217,6 @@ def describe(objs, background):
     return " ".join(text)
 
 
-# ---------------------------------------------------------------- complex reasoning
-# One question needing a small inference; the answer reasons step by step, then concludes.
-
-def r_remove(objs, rng):
-    o, n = rng.choice(objs), len(objs)
-    rest = [x for x in objs if x is not o]
-    left = f"leaves {the_list(rest)}" if rest else "leaves only the background"
-    return (f"If the {o.name} were removed, how many shapes would remain?",
-            f"The image contains {count(n, 'shape')}: {the_list(objs)}. Removing the {o.name} {left}. "
-            f"So {count(n - 1, 'shape')} would remain.")
-
-
-# Distance from a shape's centre to a corner or an edge of the image (normalized units).
-NEAREST = {
-    "top-left corner": lambda o: math.hypot(o.cx, o.cy), "top-right corner": lambda o: math.hypot(1 - o.cx, o.cy),
-    "bottom-left corner": lambda o: math.hypot(o.cx, 1 - o.cy), "bottom-right corner": lambda o: math.hypot(1 - o.cx, 1 - o.cy),
-    "top edge": lambda o: o.cy, "bottom edge": lambda o: 1 - o.cy, "left edge": lambda o: o.cx, "right edge": lambda o: 1 - o.cx,
-}
-
-
-def r_nearest(objs, rng):
-    target = rng.choice(list(NEAREST))
-    ranked = sorted(objs, key=NEAREST[target])
-    if len(objs) < 2 or NEAREST[target](ranked[1]) - NEAREST[target](ranked[0]) < 0.1:  # clear winners only
-        return None
-    places = "; ".join(f"the {o.name} is {o.where}" for o in objs)
-    return (f"Which shape is closest to the {target} of the image?",
-            f"Look at where each shape is: {places}. Of these, the {ranked[0].name} lies nearest to the "
-            f"{target}. So the {ranked[0].name} is closest to the {target}.")
-
-
-def r_round(objs, rng):
-    round_ = [o for o in objs if o.shape == "circle"]
-    angular = [o for o in objs if o.shape != "circle"]
-    r, a = len(round_), len(angular)
-    group = lambda g, noun: count(len(g), noun) + (f" ({the_list(g)})" if g else "")
-    if r > a:
-        end = f"{NUMBER_WORDS[r].capitalize()} is more than {NUMBER_WORDS[a]}, so yes, there are more round shapes than angular ones."
-    elif r == a:
-        end = f"Both numbers are {NUMBER_WORDS[r]}, so no, there are as many round shapes as angular ones."
-    else:
-        end = f"{NUMBER_WORDS[r].capitalize()} is fewer than {NUMBER_WORDS[a]}, so no, there are fewer round shapes than angular ones."
-    return ("Are there more round shapes than angular ones?",
-            "Circles are round, while squares, triangles and diamonds have corners, so they are angular. "
-            f"The image has {group(round_, 'round shape')} and {group(angular, 'angular shape')}. {end}")
-
-
-def r_larger(objs, rng):
-    large = [o for o in objs if o.size == "large"]
-    small = [o for o in objs if o.size == "small"]
-    if not large or not small:
-        return None
-    big, little = rng.choice(large), rng.choice(small)
-    first, second = (big, little) if rng.random() < 0.5 else (little, big)
-    return (f"Which is larger, the {first.name} or the {second.name}?",
-            f"The {big.name} {big.where} is a large shape, while the {little.name} {little.where} is a small one. "
-            f"So the {big.name} is larger.")
-
-
-def r_colors(objs, rng):
-    if len(objs) < 2:
-        return None
-    colors = [c for c in COLORS if any(o.color == c for o in objs)]
-    k = len(colors)
-    end = f"So the shapes have {count(k, 'different color')}." if k > 1 else "So all the shapes have the same color."
-    return ("How many different colors do the shapes in the image have?",
-            f"The shapes are {the_list(objs)}. Their colors are {join_words(colors)}. {end}"
-            if k > 1 else f"The shapes are {the_list(objs)}. Each of them is {colors[0]}. {end}")
-
-
-REASONING = [r_remove, r_nearest, r_round, r_larger, r_colors]
-
-
-def reason(objs, rng):
-    for make in rng.sample(REASONING, len(REASONING)):  # r_remove and r_round always apply
-        qa = make(objs, rng)
-        if qa is not None:
-            return qa
-
-
 # ---------------------------------------------------------------- LLaVA JSON records
 
 def respond(kind, record, rng):
@@ -287,8 +228,10 @@ def respond(kind, record, rng):
         return [(rng.choice(DETAILED_DESCRIPTION), describe(objs, background))]
     if kind == "complex":
         return [reason(objs, rng)]
-    if kind in ("places", "quiz"):  # LLaVA-1.5's region-level and short-answer data, in miniature
-        return (places if kind == "places" else quiz)(objs, rng)
+    if kind in ("places", "quiz", "twins", "alone"):  # LLaVA-1.5's region-level and short-answer data, in miniature
+        return {"places": places, "quiz": quiz, "twins": twins, "alone": alone}[kind](objs, rng)
+    if kind == "kinds":  # the kind list alone: the kind word must find its shape to name the colour
+        return [place_list(objs, rng, *PLACE_LISTS[2])]
     short = {"short": True, "full": False, "conversation": rng.random() < 0.5}[kind]
     return conversation(objs, rng, short)
 
@@ -336,7 +279,8 @@ def text_only_records(records, seed, per_scene=5):
 def instruct_records(records, seed, scale=PAPER_SCALE, text_only_fraction=TEXT_ONLY_FRACTION, places_fraction=PLACES_FRACTION):
     """Stage 2 (like llava_instruct_158k + a little of mix665k's region-level, short-answer and text-only data),
     shuffled: conversation, detailed and complex-reasoning records, 58:23:77 x `scale` per 80 images, each on a random
-    image; `places_fraction` as many "places"; `text_only_fraction` text-only; QUIZ_PER_IMAGE quizzes per 2+ shapes."""
+    image; `places_fraction` as many "places"; `text_only_fraction` text-only; per image of 2+ shapes QUIZ_PER_IMAGE
+    quizzes, one "kinds" list, and one "twins" and one "alone" record where they have a question to ask."""
     plan = {kind: round(len(records) * per_80 / PAPER_IMAGES * scale) for kind, per_80 in PAPER_MIX.items()}
     plan["places"] = round(sum(plan.values()) * places_fraction)
     plan["text"] = round(sum(plan.values()) * text_only_fraction / (1 - text_only_fraction))
@@ -351,8 +295,11 @@ def instruct_records(records, seed, scale=PAPER_SCALE, text_only_fraction=TEXT_O
                 out.append(make_record(rng.choice(list(PAPER_MIX)), r, rid, rng, text_only=True))
             else:
                 out.append(make_record(kind, r, rid, rng))
-    out += [make_record("quiz", r, f"{r['id']}-quiz{k}", record_rng(seed, f"{r['id']}-quiz{k}"))
-            for k in range(QUIZ_PER_IMAGE) for r in records if len(r["instances"]) > 1]
+    several = [r for r in records if len(r["instances"]) > 1]
+    for kind in [f"quiz{k}" for k in range(QUIZ_PER_IMAGE)] + ["kinds", "twins", "alone"]:
+        made = [make_record(kind.rstrip("0123456789"), r, f"{r['id']}-{kind}", record_rng(seed, f"{r['id']}-{kind}"))
+                for r in several]
+        out += [m for m in made if m["conversations"]]  # no twins in an image of four colours
     random.Random(f"{seed}/instruct").shuffle(out)
     return out
 
