@@ -176,10 +176,11 @@ def twins(objs, rng):
 def alone(objs, rng):
     """Where is each shape that one word names, its kind or its colour ("Where is the square?", "Where is the red
     shape?"): the answer must follow that word's lookup alone."""
+    kinds, colors = [o.shape for o in objs], [o.color for o in objs]
     pairs = []
     for o in rng.sample(objs, len(objs)):
-        forms = [f"the {o.shape}"] * ([p.shape for p in objs].count(o.shape) == 1)
-        forms += [f"the {o.color} shape"] * ([p.color for p in objs].count(o.color) == 1)
+        forms = ([f"the {o.shape}"] if kinds.count(o.shape) == 1 else []) + \
+                ([f"the {o.color} shape"] if colors.count(o.color) == 1 else [])
         if forms:
             pairs.append((f"Where is {rng.choice(forms)}?{SHORT_ANSWER}", o.position))
     return pairs
