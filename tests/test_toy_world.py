@@ -138,7 +138,7 @@ def test_record_mix(built):
     colors = [[i["category"].split()[0] for i in r["instances"]] for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))]
     several = sum(len(c) > 1 for c in colors)
     quiz = teacher.QUIZ_PER_IMAGE * several                           # quizzes per image of 2+ shapes
-    twins = sum(len(set(c)) < len(c) for c in colors)                 # images where two shapes share a colour
+    twins = teacher.TWINS_PER_IMAGE * sum(len(set(c)) < len(c) for c in colors)  # where two shapes share a colour
     named = [[i["category"].split() for i in r["instances"]] for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))]
     alone = sum(len(n) > 1 and any([c for c, _ in n].count(c) == 1 or [k for _, k in n].count(k) == 1 for c, k in n)
                 for n in named)                                       # images where one word names a shape
@@ -220,7 +220,7 @@ def test_the_quizzes_ask_about_every_shape_once_as_the_bench_asks(built):
 def test_twins_ask_where_every_shape_that_shares_its_color_is(built):
     caps = {r["image"]: r for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))}
     with open(os.path.join(built, "instruct.json")) as f:
-        records = [r for r in json.load(f) if r["id"].endswith("-twins")]
+        records = [r for r in json.load(f) if re.search(r"-twins\d$", r["id"])]
     assert records
     for r in records:
         objs, _ = teacher.read_record(caps[r["image"]])

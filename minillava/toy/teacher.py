@@ -22,6 +22,7 @@ SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 PAPER_MIX = {"conversation": 58, "detail": 23, "complex": 77}  # llava_instruct_158k: thousands, on ~80K images
 PAPER_IMAGES, PAPER_SCALE = 80, 0.5  # the toy writes half as many per image (~1), to leave time for the quiz
 QUIZ_PER_IMAGE = 3         # quiz records per training image of 2+ shapes (mix665k's short-answer VQA, see quiz())
+TWINS_PER_IMAGE = 2        # "twins" records per image where two shapes share a colour (see twins())
 TEXT_ONLY_FRACTION = 0.05  # share of text-only records in instruct.json (mix665k's ShareGPT part)
 PLACES_FRACTION = 0.2      # "places" records per image record (mix665k's region-level part, see places())
 BENCH_CATEGORIES = ["count", "color", "shape", "position", "relation"]
@@ -281,7 +282,7 @@ def instruct_records(records, seed, scale=PAPER_SCALE, text_only_fraction=TEXT_O
     """Stage 2 (like llava_instruct_158k + a little of mix665k's region-level, short-answer and text-only data),
     shuffled: conversation, detailed and complex-reasoning records, 58:23:77 x `scale` per 80 images, each on a random
     image; `places_fraction` as many "places"; `text_only_fraction` text-only; per image of 2+ shapes QUIZ_PER_IMAGE
-    quizzes, one "kinds" list, and one "twins" and one "alone" record where they have a question to ask."""
+    quizzes, one "kinds" list, TWINS_PER_IMAGE "twins" and one "alone" record where they have a question to ask."""
     plan = {kind: round(len(records) * per_80 / PAPER_IMAGES * scale) for kind, per_80 in PAPER_MIX.items()}
     plan["places"] = round(sum(plan.values()) * places_fraction)
     plan["text"] = round(sum(plan.values()) * text_only_fraction / (1 - text_only_fraction))
@@ -297,7 +298,8 @@ def instruct_records(records, seed, scale=PAPER_SCALE, text_only_fraction=TEXT_O
             else:
                 out.append(make_record(kind, r, rid, rng))
     several = [r for r in records if len(r["instances"]) > 1]
-    for kind in [f"quiz{k}" for k in range(QUIZ_PER_IMAGE)] + ["kinds", "twins", "alone"]:
+    kinds = [f"quiz{k}" for k in range(QUIZ_PER_IMAGE)] + ["kinds"] + [f"twins{k}" for k in range(TWINS_PER_IMAGE)]
+    for kind in kinds + ["alone"]:
         made = [make_record(kind.rstrip("0123456789"), r, f"{r['id']}-{kind}", record_rng(seed, f"{r['id']}-{kind}"))
                 for r in several]
         out += [m for m in made if m["conversations"]]  # no twins in an image of four colours
