@@ -3,8 +3,8 @@
 Like GPT-4 in the paper, the teacher never sees pixels: it reads the symbolic caps_boxes record (captions + one
 box per object) and writes the three response types: conversation, detailed description and complex reasoning.
 It also writes stage-1 captions, "places" and "kinds" lists and "quiz", "twins" and "alone" questions (LLaVA-1.5's
-region-level and short-answer data in miniature), text-only records (the scene told in words, for LM pretraining and the ShareGPT-like share of stage 2)
-and the held-out benchmark. Answers follow fixed patterns a tiny model can learn; questions ask only what the
+region-level and short-answer data in miniature), text-only records (the scene told in words, for LM pretraining
+and the ShareGPT-like share of stage 2) and the held-out benchmark. Answers follow fixed patterns a tiny model can learn; questions ask only what the
 record answers for certain.
 """
 import random
