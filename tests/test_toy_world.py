@@ -135,13 +135,14 @@ def test_record_mix(built):
              (("conversation", 58), ("detail", 23), ("complex", 77))}
     places = round(sum(paper.values()) * 0.2)                         # 5 on 24 images
     text = round((sum(paper.values()) + places) * 0.05 / 0.95)         # 2: 5% of all records
-    colors = [[i["category"].split()[0] for i in r["instances"]] for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))]
-    several = sum(len(c) > 1 for c in colors)
+    images = [[i["category"].split() for i in r["instances"]]         # [["red", "circle"], ...] per image
+              for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))]
+    several = sum(len(n) > 1 for n in images)
     quiz = teacher.QUIZ_PER_IMAGE * several                           # quizzes per image of 2+ shapes
+    colors = [[c for c, _ in n] for n in images]
     twins = teacher.TWINS_PER_IMAGE * sum(len(set(c)) < len(c) for c in colors)  # where two shapes share a colour
-    named = [[i["category"].split() for i in r["instances"]] for r in load_jsonl(os.path.join(built, "caps_boxes_train.jsonl"))]
     alone = sum(len(n) > 1 and any([c for c, _ in n].count(c) == 1 or [k for _, k in n].count(k) == 1 for c, k in n)
-                for n in named)                                       # images where one word names a shape
+                for n in images)                                      # images where one word names a shape
     assert {k: kinds.count(k) for k in set(kinds)} == {**paper, "places": places, "text": text, "quiz": quiz,
                                                        "kinds": several, "twins": twins, "alone": alone}
     with open(os.path.join(built, "pretrain.json")) as f:
